@@ -47,3 +47,54 @@ def _kind_for_status(status: int) -> str:
 # A chat result from a provider: a chat.completion dict, or (stream) an async iterator of
 # chat.completion.chunk dicts that ends when the answer is complete.
 ChatResult = Union[Dict[str, Any], AsyncIterator[Dict[str, Any]]]
+
+
+# =============================================================================================
+# providers: the protocol the core consumes (implementations live in providers/)
+# =============================================================================================
+
+
+class RequestContext:
+    """What a provider may know about the client request besides its body.
+
+    `headers` holds the client's request headers, names lower-cased. Providers record what
+    the request log line should carry (`usage`, `upstream_status`) through `note()`.
+    """
+
+    __slots__ = ("request_id", "headers", "provider", "model", "stream", "log")
+
+    def __init__(self, request_id: str, headers: dict[str, str]) -> None:
+        self.request_id = request_id
+        self.headers = headers
+        self.provider = ""
+        self.model = ""
+        self.stream = False
+        self.log: dict[str, Any] = {}
+
+    def note(self, **fields: Any) -> None:
+        """Add fields to this request's log line (never keys or prompts)."""
+        self.log.update(fields)
+
+
+class Provider:
+    """One configured upstream. Subclasses set `native_kinds` and override what they serve.
+
+    `chat()` is the hub every provider answers: an OpenAI chat request body (model already
+    stripped of its `provider:` prefix) in, a `ChatResult` out. Errors are `GatewayError`s;
+    raised from inside a stream iterator they become the stream's final error event.
+    `native_kinds` lists the request kinds (``chat``, ``embeddings``, ``responses``,
+    ``messages``, ``count_tokens``, ``ollama_chat``, ``ollama_generate``, ``ollama_embed``,
+    ``ollama_show``) this provider takes as-is, forwarded by `forward()` with bytes relayed.
+    """
+
+    native_kinds: frozenset = frozenset()
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.name: str = config.name
+
+    async def chat(self, body: dict[str, Any], ctx: RequestContext) -> ChatResult:
+        raise GatewayError(400, f"provider '{self.name}' cannot answer chat requests")
+
+    async def aclose(self) -> None:
+        """Release what the provider holds (pooled connections, child processes)."""
