@@ -1,16 +1,67 @@
 """evo-gateway core: one address for every LLM client on a machine.
 
 Sections, in dependency order:
-    constants · errors · config · key pool · wire (SSE / NDJSON decoders) ·
-    upstream client + pool · providers (protocol + registry) · gateway key store ·
-    gateway (routes, router, dispatch, error rendering) · server (connections, lifecycle, signals)
+    constants · errors · config · key pool · wire (SSE / line decoders) ·
+    upstream client + pool · providers (protocol, HTTP base, registry) ·
+    gateway (routes, router, dispatch, error rendering) ·
+    server (connections, lifecycle, signals)
+
+A request flows one way: socket → `HttpConnection` (head checks, body) → `Gateway.dispatch`
+(one `json.loads`, route, provider) → provider → upstream → back out as a `Reply` whose body
+is an async iterator written by the same task.
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Dict, Union
+import asyncio
+import dataclasses
+import difflib
+import email.utils
+import json
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, Union
+from urllib.parse import urlsplit
+
+import h11
 
 __version__ = "0.1.0"
+
+log = logging.getLogger("evo_gateway")
+
+# =============================================================================================
+# constants
+# =============================================================================================
+
+SSE_KEEPALIVE_S = 15.0
+KEY_COOLDOWN_S = 60.0
+TICK_S = 0.5
+READ_CHUNK_BYTES = 65536
+# Request headers a client may pass to an upstream; everything else (its gateway key,
+# hop-by-hop and framing headers, accept-encoding) stays here.
+FORWARDED_REQUEST_HEADERS = frozenset({
+    "anthropic-version", "anthropic-beta", "openai-organization", "openai-project", "openai-beta",
+})
+# Upstream response headers worth relaying to the client.
+RELAYED_RESPONSE_HEADERS = frozenset({
+    "content-type", "retry-after", "retry-after-ms", "x-should-retry", "openai-processing-ms",
+    "openai-version", "request-id", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
+})
+RELAYED_RESPONSE_PREFIXES = ("anthropic-ratelimit-",)
+# Fields the original evo-gateway writes that we accept (with one warning) but do not use yet.
+LEGACY_KEYS = frozenset({"rate_limit", "model_metadata", "reliability", "routing"})
+PROVIDER_TYPES = ("open_ai_compatible", "anthropic", "ollama", "claude_code", "codex_cli", "cursor")
+CLI_PROVIDER_TYPES = frozenset({"claude_code", "codex_cli", "cursor"})
 
 # =============================================================================================
 # errors
@@ -44,14 +95,676 @@ def _kind_for_status(status: int) -> str:
                 status, "invalid_request" if status < 500 else "internal")
 
 
-# A chat result from a provider: a chat.completion dict, or (stream) an async iterator of
-# chat.completion.chunk dicts that ends when the answer is complete.
-ChatResult = Union[Dict[str, Any], AsyncIterator[Dict[str, Any]]]
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file and the field."""
+
+
+# =============================================================================================
+# config
+# =============================================================================================
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "server": {
+        "host": "0.0.0.0", "port": 8080,
+        "max_body_bytes": 33554432, "max_head_bytes": 65536,
+        "head_timeout_s": 30, "keep_alive_s": 75, "shutdown_grace_s": 30, "workers": 1,
+    },
+    "providers": [
+        {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key_envs": ["OPENAI_API_KEY"],
+         "enabled": True, "provider_type": "open_ai_compatible", "extra_headers": {},
+         "models": ["gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini", "o4-mini", "text-embedding-3-small"],
+         "responses_api": True},
+        {"name": "anthropic", "base_url": "https://api.anthropic.com/v1", "api_key_envs": ["ANTHROPIC_API_KEY"],
+         "enabled": True, "provider_type": "anthropic", "extra_headers": {},
+         "models": ["claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5"]},
+        {"name": "openrouter", "base_url": "https://openrouter.ai/api/v1", "api_key_envs": ["OPENROUTER_API_KEY"],
+         "enabled": False, "provider_type": "open_ai_compatible",
+         "extra_headers": {"HTTP-Referer": "https://github.com/ai-evo-agents", "X-Title": "evo-gateway"}},
+        {"name": "ollama", "base_url": "http://localhost:11434", "api_key_envs": [],
+         "enabled": False, "provider_type": "ollama", "extra_headers": {}},
+        {"name": "claude-code", "base_url": "", "api_key_envs": [], "enabled": False,
+         "provider_type": "claude_code", "extra_headers": {}},
+        {"name": "codex-cli", "base_url": "", "api_key_envs": [], "enabled": False,
+         "provider_type": "codex_cli", "extra_headers": {}},
+        {"name": "cursor", "base_url": "", "api_key_envs": [], "enabled": False,
+         "provider_type": "cursor", "extra_headers": {}},
+    ],
+}
+
+
+def default_config_text() -> str:
+    """The exact text written when no config file exists (and committed as gateway.json)."""
+    return json.dumps(DEFAULT_CONFIG, indent=2) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 33554432
+    max_head_bytes: int = 65536
+    head_timeout_s: float = 30.0
+    keep_alive_s: float = 75.0
+    shutdown_grace_s: float = 30.0
+    workers: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    base_url: str
+    enabled: bool
+    provider_type: str = "open_ai_compatible"
+    api_key_envs: tuple = ()
+    extra_headers: tuple = ()  # ((name, value), ...)
+    models: tuple = ()
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 300.0
+    idle_timeout_s: float = 300.0
+    ca_file: str | None = None
+    verify: bool = True
+    responses_api: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    providers: tuple  # of ProviderConfig
+    path: str = ""
+    warnings: tuple = ()
+
+
+# field → (accepted types, required); a number field accepts int or float but never bool.
+_NUM = (int, float)
+_SERVER_FIELDS: dict[str, tuple] = {
+    "host": (str, True), "port": (int, True), "max_body_bytes": (int, False),
+    "max_head_bytes": (int, False), "head_timeout_s": (_NUM, False), "keep_alive_s": (_NUM, False),
+    "shutdown_grace_s": (_NUM, False), "workers": (int, False),
+}
+_PROVIDER_FIELDS: dict[str, tuple] = {
+    "name": (str, True), "base_url": (str, True), "api_key_envs": (list, False), "enabled": (bool, True),
+    "provider_type": (str, False), "extra_headers": (dict, False), "models": (list, False),
+    "connect_timeout_s": (_NUM, False), "first_byte_timeout_s": (_NUM, False), "idle_timeout_s": (_NUM, False),
+    "ca_file": ((str, type(None)), False), "verify": (bool, False), "responses_api": (bool, False),
+}
+_TOP_FIELDS: dict[str, tuple] = {"server": (dict, True), "providers": (list, True)}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "an object"}
+
+
+def _type_name(types: Any) -> str:
+    if types is _NUM:
+        return "a number"
+    if isinstance(types, tuple):
+        return " or ".join(_TYPE_NAMES.get(t, "null") for t in types)
+    return _TYPE_NAMES[types]
+
+
+def _is_type(value: Any, types: Any) -> bool:
+    if isinstance(value, bool) and types is not bool and not (isinstance(types, tuple) and bool in types):
+        return False
+    return isinstance(value, types)
+
+
+def _check_fields(obj: dict, fields: dict, where: str, path: str, warnings: list) -> None:
+    for key, value in obj.items():
+        if key not in fields:
+            if key in LEGACY_KEYS:
+                warnings.append(f"{path}: {where}{key}: accepted for compatibility but not used")
+                continue
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            extra = f" (did you mean {hint[0]}?)" if hint else f" (known keys: {', '.join(fields)})"
+            raise ConfigError(f"{path}: {where}{key}: unknown key{extra}")
+        types, _ = fields[key]
+        if not _is_type(value, types):
+            raise ConfigError(f"{path}: {where}{key}: must be {_type_name(types)}, got {json.dumps(value)}")
+    for key, (_, required) in fields.items():
+        if required and key not in obj:
+            raise ConfigError(f"{path}: {where}{key}: missing (required)")
+
+
+def parse_config(data: Any, path: str) -> Config:
+    """Validate parsed JSON against the schema (SPEC §2) and build a `Config`.
+
+    Every problem is a `ConfigError` naming the file, the dotted path and, for an unknown
+    key, the closest known one; keys the original gateway wrote become warnings.
+    """
+    warnings: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    _check_fields(data, _TOP_FIELDS, "", path, warnings)
+    raw_server = data["server"]
+    _check_fields(raw_server, _SERVER_FIELDS, "server.", path, warnings)
+    server = ServerConfig(**{k: v for k, v in raw_server.items() if k in _SERVER_FIELDS})
+    if not 0 <= server.port <= 65535:
+        raise ConfigError(f"{path}: server.port: must be 0..65535, got {server.port}")
+    for key in ("max_body_bytes", "max_head_bytes", "workers"):
+        if getattr(server, key) < 1:
+            raise ConfigError(f"{path}: server.{key}: must be at least 1")
+    for key in ("head_timeout_s", "keep_alive_s", "shutdown_grace_s"):
+        if getattr(server, key) <= 0:
+            raise ConfigError(f"{path}: server.{key}: must be greater than 0")
+    providers = []
+    seen: set[str] = set()
+    for i, raw in enumerate(data["providers"]):
+        where = f"providers[{i}]."
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: providers[{i}]: must be an object")
+        _check_fields(raw, _PROVIDER_FIELDS, where, path, warnings)
+        fields = {k: v for k, v in raw.items() if k in _PROVIDER_FIELDS}
+        name = fields["name"]
+        if not name or ":" in name:
+            raise ConfigError(f"{path}: {where}name: must be non-empty and contain no ':', got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{path}: {where}name: duplicate provider name {name!r}")
+        seen.add(name)
+        ptype = fields.get("provider_type", "open_ai_compatible")
+        if ptype not in PROVIDER_TYPES:
+            hint = difflib.get_close_matches(ptype, PROVIDER_TYPES, n=1)
+            extra = f" (did you mean {hint[0]}?)" if hint else f" (one of {', '.join(PROVIDER_TYPES)})"
+            raise ConfigError(f"{path}: {where}provider_type: unknown type {ptype!r}{extra}")
+        for list_key in ("api_key_envs", "models"):
+            for j, item in enumerate(fields.get(list_key, [])):
+                if not isinstance(item, str) or not item:
+                    raise ConfigError(f"{path}: {where}{list_key}[{j}]: must be a non-empty string")
+        headers = fields.get("extra_headers", {})
+        for hname, hvalue in headers.items():
+            if not isinstance(hvalue, str):
+                raise ConfigError(f"{path}: {where}extra_headers.{hname}: must be a string")
+        base_url = fields["base_url"].rstrip("/")
+        if ptype not in CLI_PROVIDER_TYPES:
+            parts = urlsplit(base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{path}: {where}base_url: must be an http:// or https:// URL, got {base_url!r}")
+        for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
+            if key in fields and fields[key] <= 0:
+                raise ConfigError(f"{path}: {where}{key}: must be greater than 0")
+        fields.update(provider_type=ptype, base_url=base_url, api_key_envs=tuple(fields.get("api_key_envs", ())),
+                      models=tuple(fields.get("models", ())), extra_headers=tuple(headers.items()))
+        providers.append(ProviderConfig(**fields))
+    return Config(server=server, providers=tuple(providers), path=path, warnings=tuple(warnings))
+
+
+def config_path(cli_path: str | None, environ: dict | None = None) -> str:
+    """`--config PATH`, else `$GATEWAY_CONFIG`, else `./gateway.json`."""
+    environ = os.environ if environ is None else environ
+    return cli_path or environ.get("GATEWAY_CONFIG") or "gateway.json"
+
+
+def load_config(path: str, create: bool = True) -> Config:
+    """Read and validate the config at `path`; write the default file first if it is missing."""
+    if not os.path.exists(path):
+        if not create:
+            raise ConfigError(f"{path}: no such file")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(default_config_text())
+        log.info("wrote default gateway config to %s", path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    return parse_config(data, path)
+
+
+# =============================================================================================
+# key pool: upstream API keys with round-robin rotation and cooldown
+# =============================================================================================
+
+
+class KeyPool:
+    """Round-robin over the non-empty env variables named in `api_key_envs`.
+
+    A key answered with 401/403/429 is set aside for `KEY_COOLDOWN_S` while another key is
+    usable; with every key cooling down the least recently failed one is used anyway, so a
+    single-key provider never stops trying.
+    """
+
+    def __init__(self, env_names: Iterable[str], environ: dict | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        self.keys = [environ[n].strip() for n in env_names if environ.get(n, "").strip()]
+        self._next = 0
+        self._cooling: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def next_key(self) -> str | None:
+        """The key for the next request, or None when the provider has none."""
+        if not self.keys:
+            return None
+        now = time.monotonic()
+        for _ in range(len(self.keys)):
+            key = self.keys[self._next % len(self.keys)]
+            self._next += 1
+            until = self._cooling.get(key)
+            if until is None or until <= now:
+                self._cooling.pop(key, None)
+                return key
+        return min(self.keys, key=lambda k: self._cooling.get(k, 0.0))
+
+    def report(self, key: str | None, status: int) -> None:
+        """Record an upstream answer for `key`; a refusal sets it aside while others exist."""
+        if key is not None and status in (401, 403, 429) and len(self.keys) > 1:
+            self._cooling[key] = time.monotonic() + KEY_COOLDOWN_S
+
+    def cooling_count(self) -> int:
+        now = time.monotonic()
+        return sum(1 for until in self._cooling.values() if until > now)
+
+
+# =============================================================================================
+# wire: incremental SSE and line decoders (pure feeders)
+# =============================================================================================
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class LineSplitter:
+    """Splits a byte stream into lines on CR, LF or CRLF, even when a CRLF is split across feeds."""
+
+    __slots__ = ("_buf", "_skip_lf")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._skip_lf = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._skip_lf and data[:1] == b"\n":
+            data = data[1:]
+        self._skip_lf = False
+        buf = self._buf + data if self._buf else data
+        lines = []
+        start = 0
+        for m in _LINE_END.finditer(buf):
+            lines.append(buf[start:m.start()])
+            start = m.end()
+        if start and buf[start - 1:start] == b"\r":
+            self._skip_lf = True
+        self._buf = buf[start:]
+        return lines
+
+    def flush(self) -> list[bytes]:
+        """The unterminated last line, if any (NDJSON streams may omit the final newline)."""
+        rest, self._buf = self._buf, b""
+        return [rest] if rest else []
+
+
+class SSEDecoder:
+    """WHATWG event-stream parser fed raw bytes; returns (event type, data) pairs as they complete.
+
+    Comments and unknown fields are ignored; an event without data is not dispatched; an event
+    not closed by a blank line at the end of the stream is discarded, as browsers do.
+    """
+
+    __slots__ = ("_lines", "_event", "_data", "_started")
+
+    def __init__(self) -> None:
+        self._lines = LineSplitter()
+        self._event = ""
+        self._data: list[str] = []
+        self._started = False
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        out = []
+        for raw in self._lines.feed(chunk):
+            line = raw.decode("utf-8", "replace")
+            if not self._started:
+                self._started = True
+                if line.startswith("\ufeff"):
+                    line = line[1:]
+            if not line:
+                if self._data:
+                    out.append((self._event or "message", "\n".join(self._data)))
+                self._event = ""
+                self._data = []
+                continue
+            if line[0] == ":":
+                continue
+            name, sep, value = line.partition(":")
+            if sep and value[:1] == " ":
+                value = value[1:]
+            if name == "data":
+                self._data.append(value)
+            elif name == "event":
+                self._event = value
+        return out
+
+
+# =============================================================================================
+# upstream client + pool
+# =============================================================================================
+#
+# Theory of operation. An `UpstreamConnection` is one socket and one h11 client state machine,
+# used for one request at a time; its phases are named in wire order (_send_request,
+# _read_response_head, read_body_chunk). The `UpstreamPool` keeps idle connections per origin;
+# picking or creating one is synchronous, the I/O happens after. The response body iterator
+# owns the connection: it goes back to the pool only when the body was read to its end and
+# both h11 sides are DONE; any other exit (error, client gone, cancellation) closes it. A
+# reused connection that fails before the first response byte is the classic stale
+# keep-alive race; only then is the request retried once on a fresh connection.
+
+
+class _StaleConnection(Exception):
+    """A reused connection died before any response byte arrived: safe to retry once."""
+
+
+class UpstreamTarget:
+    """Where and how to reach an upstream origin: host, port, TLS, timeouts, and for errors a name."""
+
+    __slots__ = ("scheme", "host", "port", "base_path", "ssl", "server_hostname", "provider",
+                 "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "key", "host_header")
+
+    def __init__(self, base_url: str, provider: str, ssl_context: ssl.SSLContext | None = None,
+                 connect_timeout_s: float = 10.0, first_byte_timeout_s: float = 300.0,
+                 idle_timeout_s: float = 300.0) -> None:
+        parts = urlsplit(base_url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path.rstrip("/")
+        self.ssl = ssl_context if parts.scheme == "https" else None
+        self.server_hostname = self.host if self.ssl else None
+        self.provider = provider
+        self.connect_timeout_s = connect_timeout_s
+        self.first_byte_timeout_s = first_byte_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        default_port = 443 if parts.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
+        self.key = (self.scheme, self.host, self.port, id(self.ssl))
+
+    def describe(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+_ssl_contexts: dict[tuple, ssl.SSLContext] = {}
+
+
+def ssl_context_for(ca_file: str | None, verify: bool) -> ssl.SSLContext:
+    """One shared TLS context per (ca_file, verify); the default honours SSL_CERT_FILE."""
+    key = (ca_file, verify)
+    ctx = _ssl_contexts.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["http/1.1"])
+        _ssl_contexts[key] = ctx
+    return ctx
+
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection to an upstream, driven by h11 in client role."""
+
+    __slots__ = ("target", "reader", "writer", "h11", "reused", "state")
+
+    def __init__(self, target: UpstreamTarget, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.target = target
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.reused = False
+        self.state = "ACTIVE"  # ACTIVE → IDLE (pooled) → ACTIVE … → CLOSED
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.target.describe()} {self.state} reused={self.reused}>"
+
+    @classmethod
+    async def open(cls, target: UpstreamTarget) -> UpstreamConnection:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.host, target.port, ssl=target.ssl,
+                                    server_hostname=target.server_hostname, limit=READ_CHUNK_BYTES * 4),
+            target.connect_timeout_s)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return cls(target, reader, writer)
+
+    def is_idle_and_usable(self) -> bool:
+        """A pooled connection is usable if the peer has not closed or sent anything since."""
+        return self.state == "IDLE" and not self.reader.at_eof() and not self.writer.is_closing() \
+            and not self.reader._buffer  # noqa: SLF001  (unsolicited bytes mean a broken peer)
+
+    async def send_request(self, method: bytes, target: bytes, headers: list, body: bytes) -> None:
+        data = self.h11.send(h11.Request(method=method, target=target, headers=headers))
+        data += self.h11.send(h11.Data(data=body)) if body else b""
+        data += self.h11.send(h11.EndOfMessage())
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_response_head(self) -> h11.Response:
+        got_bytes = False
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), self.target.first_byte_timeout_s)
+                if not data and not got_bytes and self.reused:
+                    raise _StaleConnection()
+                got_bytes = got_bytes or bool(data)
+                self.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                return event
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} before the response head")
+
+    async def read_body_chunk(self) -> bytes | None:
+        """The next piece of the response body, None at its end."""
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), self.target.idle_timeout_s)
+                self.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                return None
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
+
+    def is_reusable(self) -> bool:
+        """The one place that decides keep-or-close: both sides DONE and keep-alive agreed."""
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    def close(self) -> None:
+        if self.state != "CLOSED":
+            self.state = "CLOSED"
+            self.writer.close()
+
+
+class UpstreamResponse:
+    """An upstream answer: status and headers now, the body as it arrives.
+
+    Iterate `aiter_bytes()` (or `await read()`) once. Reading the body to its end returns the
+    connection to the pool; `close()` (or leaving the iterator early) discards it.
+    """
+
+    __slots__ = ("status", "headers", "_conn", "_pool", "_done")
+
+    def __init__(self, status: int, headers: list, conn: UpstreamConnection, pool: UpstreamPool) -> None:
+        self.status = status
+        self.headers = headers
+        self._conn = conn
+        self._pool = pool
+        self._done = False
+
+    def header(self, name: bytes) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return v.decode("latin-1")
+        return None
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        try:
+            while True:
+                try:
+                    chunk = await conn.read_body_chunk()
+                except BaseException as e:
+                    raise self._pool.map_error(e, conn.target) from None
+                if chunk is None:
+                    self._done = True
+                    break
+                if chunk:
+                    yield chunk
+        finally:
+            self._release()
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.aiter_bytes()]
+        return b"".join(parts)
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._done and conn.is_reusable():
+            self._pool.put_idle(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        self._release()
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin, and the one boundary that maps transport errors."""
+
+    def __init__(self, max_idle_per_origin: int = 64) -> None:
+        self._idle: dict[tuple, list[UpstreamConnection]] = {}
+        self.max_idle_per_origin = max_idle_per_origin
+        self.active: dict[str, int] = {}
+
+    def put_idle(self, conn: UpstreamConnection) -> None:
+        self._release_active(conn.target)
+        try:
+            conn.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.target.key, [])
+        if len(idle) >= self.max_idle_per_origin:
+            conn.close()
+            return
+        conn.state = "IDLE"
+        idle.append(conn)
+
+    def _take_idle(self, target: UpstreamTarget) -> UpstreamConnection | None:
+        idle = self._idle.get(target.key)
+        while idle:
+            conn = idle.pop()
+            if conn.is_idle_and_usable():
+                conn.state = "ACTIVE"
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    def _release_active(self, target: UpstreamTarget) -> None:
+        d = target.describe()
+        self.active[d] = max(0, self.active.get(d, 1) - 1)
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        """origin → (idle, active) for metrics."""
+        out: dict[str, tuple[int, int]] = {}
+        for key, conns in self._idle.items():
+            out[f"{key[1]}:{key[2]}"] = (len(conns), 0)
+        for origin, n in self.active.items():
+            idle, _ = out.get(origin, (0, 0))
+            out[origin] = (idle, n)
+        return out
+
+    def close_all(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    async def request(self, target: UpstreamTarget, method: str, path: str, headers: list,
+                      body: bytes = b"") -> UpstreamResponse:
+        """Send one request and return once the response head has arrived."""
+        full_path = (target.base_path + path).encode()
+        all_headers = [(b"host", target.host_header.encode())] + headers
+        if body or method == "POST":
+            all_headers.append((b"content-length", str(len(body)).encode()))
+        attempt = 0
+        while True:
+            conn = self._take_idle(target)
+            try:
+                if conn is None:
+                    conn = await UpstreamConnection.open(target)
+                d = target.describe()
+                self.active[d] = self.active.get(d, 0) + 1
+                try:
+                    await conn.send_request(method.encode(), full_path, all_headers, body)
+                    head = await conn.read_response_head()
+                except BaseException:
+                    self._release_active(target)
+                    raise
+            except _StaleConnection:
+                conn.close()
+                attempt += 1
+                if attempt > 1:
+                    raise GatewayError(502, f"provider '{target.provider}': {target.describe()} closed the "
+                                            "connection without answering", "upstream") from None
+                continue
+            except BaseException as e:
+                if conn is not None:
+                    conn.close()
+                stale = conn is not None and conn.reused and attempt == 0 and _is_stale_error(e)
+                if stale:
+                    attempt += 1
+                    continue
+                raise self.map_error(e, target) from None
+            return UpstreamResponse(head.status_code, list(head.headers), conn, self)
+
+    @staticmethod
+    def map_error(e: BaseException, target: UpstreamTarget) -> BaseException:
+        """Transport failures → GatewayError naming the provider and the host (502 / 504)."""
+        where = f"provider '{target.provider}' at {target.describe()}"
+        if isinstance(e, (asyncio.CancelledError, GatewayError, KeyboardInterrupt, SystemExit)):
+            return e
+        if isinstance(e, asyncio.TimeoutError):
+            return GatewayError(504, f"{where}: timed out", "timeout")
+        if isinstance(e, ConnectionRefusedError):
+            return GatewayError(502, f"{where}: connection refused (is the server running?)", "upstream")
+        if isinstance(e, socket.gaierror):
+            return GatewayError(502, f"{where}: cannot resolve host name ({e.strerror})", "upstream")
+        if isinstance(e, ssl.SSLError):
+            reason = getattr(e, "reason", None) or str(e)
+            return GatewayError(502, f"{where}: TLS failed ({reason}); set ca_file or verify in the config "
+                                     "for a private certificate authority", "upstream")
+        if isinstance(e, h11.RemoteProtocolError):
+            return GatewayError(502, f"{where}: invalid HTTP response ({e})", "upstream")
+        if isinstance(e, OSError):
+            return GatewayError(502, f"{where}: connection failed ({e.strerror or e})", "upstream")
+        return e
+
+
+def _is_stale_error(e: BaseException) -> bool:
+    # A reset or a broken pipe on a reused connection before any response byte: the peer
+    # closed it while it sat idle in our pool.
+    return isinstance(e, (ConnectionResetError, BrokenPipeError)) or (
+        isinstance(e, h11.RemoteProtocolError) and "without sending" in str(e))
+
 
 
 # =============================================================================================
 # providers: the protocol the core consumes (implementations live in providers/)
 # =============================================================================================
+
+# A chat result from a provider: a chat.completion dict, or (stream) an async iterator of
+# chat.completion.chunk dicts that ends when the answer is complete.
+ChatResult = Union[Dict[str, Any], AsyncIterator[Dict[str, Any]]]
 
 
 class RequestContext:
@@ -61,7 +774,7 @@ class RequestContext:
     the request log line should carry (`usage`, `upstream_status`) through `note()`.
     """
 
-    __slots__ = ("request_id", "headers", "provider", "model", "stream", "log")
+    __slots__ = ("request_id", "headers", "provider", "model", "stream", "log", "started")
 
     def __init__(self, request_id: str, headers: dict[str, str]) -> None:
         self.request_id = request_id
@@ -70,10 +783,37 @@ class RequestContext:
         self.model = ""
         self.stream = False
         self.log: dict[str, Any] = {}
+        self.started = time.monotonic()
 
     def note(self, **fields: Any) -> None:
         """Add fields to this request's log line (never keys or prompts)."""
         self.log.update(fields)
+
+
+class Reply:
+    """A response ready to write: status, headers, and a body of bytes or an async byte iterator.
+
+    `sse` marks an event stream, which may receive keep-alive comments while it is quiet.
+    """
+
+    __slots__ = ("status", "headers", "body", "sse")
+
+    def __init__(self, status: int, headers: list, body: bytes | AsyncIterator[bytes], sse: bool = False) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.sse = sse
+
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+NDJSON_HEADERS = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
+                  (b"x-accel-buffering", b"no")]
+
+
+def json_reply(obj: Any, status: int = 200, headers: list | None = None) -> Reply:
+    return Reply(status, JSON_HEADERS + (headers or []), json.dumps(obj, ensure_ascii=False).encode())
 
 
 class Provider:
@@ -92,9 +832,1217 @@ class Provider:
     def __init__(self, config: Any) -> None:
         self.config = config
         self.name: str = config.name
+        self.last_result: tuple | None = None  # (ok, status or error, latency_ms, when) from real traffic
 
     async def chat(self, body: dict[str, Any], ctx: RequestContext) -> ChatResult:
-        raise GatewayError(400, f"provider '{self.name}' cannot answer chat requests")
+        raise GatewayError(400, f"provider '{self.name}' ({self.config.provider_type}) cannot answer chat requests")
+
+    async def forward(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> Reply:
+        raise GatewayError(400, f"provider '{self.name}' ({self.config.provider_type}) does not serve {kind} requests")
+
+    async def request_json(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> dict:
+        """A non-stream native call whose JSON answer the gateway translates (e.g. embeddings)."""
+        raise GatewayError(400, f"provider '{self.name}' ({self.config.provider_type}) does not serve {kind} requests")
+
+    def key_count(self) -> int:
+        return 0
 
     async def aclose(self) -> None:
         """Release what the provider holds (pooled connections, child processes)."""
+
+
+async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
+    """Read an upstream error answer and turn it into a GatewayError with the same status.
+
+    The message is taken from whichever dialect's envelope the body is in (OpenAI, Anthropic,
+    Ollama), else a short prefix of the text; `retry-after` is kept.
+    """
+    try:
+        raw = await resp.read()
+    except GatewayError:
+        raw = b""
+    message = ""
+    kind = ""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            etype = str(err.get("type") or "")
+            if etype == "overloaded_error":
+                kind = "overloaded"
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(data.get("message"), str):
+            message = data["message"]
+    if not message:
+        text = raw.decode("utf-8", "replace").strip()
+        message = text[:500] or f"HTTP {resp.status} with an empty body"
+    headers = [(n, v) for n, v in ((n, resp.header(n.encode())) for n in ("retry-after", "retry-after-ms"))
+               if v is not None]
+    return GatewayError(resp.status, f"{provider}: {message}", kind, headers=headers)
+
+
+class HttpProvider(Provider):
+    """Base for providers reached over HTTP: target, key pool, headers, forward and relay.
+
+    Subclasses map request kinds to upstream paths (`native_paths`) and choose how the key
+    is sent (`auth_headers`).
+    """
+
+    native_paths: dict[str, str] = {}
+
+    def __init__(self, config: ProviderConfig, pool: UpstreamPool, environ: dict | None = None) -> None:
+        super().__init__(config)
+        ctx = ssl_context_for(config.ca_file, config.verify) if config.base_url.startswith("https:") else None
+        self.target = UpstreamTarget(config.base_url, config.name, ctx, config.connect_timeout_s,
+                                     config.first_byte_timeout_s, config.idle_timeout_s)
+        self.pool = pool
+        self.keys = KeyPool(config.api_key_envs, environ)
+        self.extra_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in config.extra_headers]
+        self.native_kinds = frozenset(self.native_paths)
+
+    def key_count(self) -> int:
+        return len(self.keys)
+
+    def auth_headers(self, key: str | None, ctx: RequestContext) -> list:
+        return [(b"authorization", b"Bearer " + key.encode("latin-1"))] if key else []
+
+    async def send(self, path: str, body: dict, ctx: RequestContext, stream: bool) -> UpstreamResponse:
+        """POST `body` as JSON to `path`; returns once the response head is in."""
+        key = self.keys.next_key()
+        headers = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity"),
+                   (b"accept", b"text/event-stream" if stream else b"application/json")]
+        headers += self.auth_headers(key, ctx)
+        for name in FORWARDED_REQUEST_HEADERS:
+            value = ctx.headers.get(name)
+            if value is not None and not any(h[0] == name.encode() for h in headers):
+                headers.append((name.encode(), value.encode("latin-1")))
+        headers += self.extra_headers
+        t0 = time.monotonic()
+        try:
+            resp = await self.pool.request(self.target, "POST", path, headers,
+                                           json.dumps(body, ensure_ascii=False).encode())
+        except GatewayError as e:
+            self.last_result = (False, e.message, None, time.time())
+            raise
+        latency_ms = round((time.monotonic() - t0) * 1000, 1)
+        self.keys.report(key, resp.status)
+        self.last_result = (resp.status < 500, resp.status, latency_ms, time.time())
+        ctx.note(upstream_status=resp.status, ttfb_ms=latency_ms)
+        return resp
+
+    async def forward(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> Reply:
+        stream = ctx.stream
+        resp = await self.send(self.native_paths[kind], body, ctx, stream)
+        headers = [(k, v) for k, v in resp.headers
+                   if k.decode() in RELAYED_RESPONSE_HEADERS or k.decode().startswith(RELAYED_RESPONSE_PREFIXES)]
+        if stream and 200 <= resp.status < 300:
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+            is_sse = (resp.header(b"content-type") or "").startswith("text/event-stream")
+            return Reply(resp.status, headers, resp.aiter_bytes(), sse=is_sse)
+        return Reply(resp.status, headers, await resp.read())
+
+    async def request_json(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> dict:
+        resp = await self.send(self.native_paths[kind], body, ctx, False)
+        if resp.status >= 300:
+            raise await upstream_error(resp, self.name)
+        return parse_upstream_json(await resp.read(), self.name)
+
+
+def parse_upstream_json(raw: bytes, provider: str) -> dict:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise GatewayError(502, f"provider '{provider}' answered with something that is not a JSON object: "
+                                f"{raw[:200].decode('utf-8', 'replace')!r}", "upstream")
+    return data
+
+
+async def sse_json_events(resp: UpstreamResponse, provider: str) -> AsyncIterator[tuple[str, dict]]:
+    """Decode an upstream SSE body into (event name, JSON object) pairs; stops at `[DONE]`.
+
+    The connection is closed if the consumer stops early.
+    """
+    decoder = SSEDecoder()
+    try:
+        async for chunk in resp.aiter_bytes():
+            for event, data in decoder.feed(chunk):
+                if data == "[DONE]":
+                    return
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    raise GatewayError(502, f"provider '{provider}' sent a stream event that is not JSON: "
+                                            f"{data[:200]!r}", "upstream") from None
+                if isinstance(obj, dict):
+                    yield event, obj
+    finally:
+        resp.close()
+
+
+def load_providers(config: Config, pool: UpstreamPool, environ: dict | None = None) -> dict[str, Provider]:
+    """Build a Provider for every enabled provider in the config (classes loaded lazily)."""
+    import providers as registry  # the core loads providers by name; they import the core
+
+    return {p.name: registry.create(p, pool, environ) for p in config.providers if p.enabled}
+
+
+# =============================================================================================
+# gateway: routes, router, dispatch, error rendering per dialect
+# =============================================================================================
+
+# path → (method, kind, dialect). The dialect decides the error envelope and stream framing.
+ROUTES: dict[str, tuple[str, str, str]] = {
+    "/health": ("GET", "health", "openai"),
+    "/metrics": ("GET", "metrics", "openai"),
+    "/v1/models": ("GET", "models", "openai"),
+    "/v1/chat/completions": ("POST", "chat", "openai"),
+    "/v1/embeddings": ("POST", "embeddings", "openai"),
+    "/v1/responses": ("POST", "responses", "openai"),
+    "/v1/messages": ("POST", "messages", "anthropic"),
+    "/v1/messages/count_tokens": ("POST", "count_tokens", "anthropic"),
+    "/api/chat": ("POST", "ollama_chat", "ollama"),
+    "/api/generate": ("POST", "ollama_generate", "ollama"),
+    "/api/embed": ("POST", "ollama_embed", "ollama"),
+    "/api/embeddings": ("POST", "ollama_embed", "ollama"),
+    "/api/show": ("POST", "ollama_show", "ollama"),
+    "/api/tags": ("GET", "tags", "ollama"),
+    "/api/version": ("GET", "version", "ollama"),
+}
+OLLAMA_KINDS = frozenset({"ollama_chat", "ollama_generate", "ollama_embed", "ollama_show"})
+# Fields each kind cannot do without: checked before anything reaches an upstream.
+REQUIRED_FIELDS: dict[str, tuple[tuple[str, type, str], ...]] = {
+    "chat": (("messages", list, "a list of messages"),),
+    "messages": (("messages", list, "a list of messages"), ("max_tokens", int, "an integer")),
+    "count_tokens": (("messages", list, "a list of messages"),),
+    "ollama_chat": (),
+    "ollama_generate": (),
+    "responses": (),
+    "embeddings": (),
+    "ollama_embed": (),
+    "ollama_show": (),
+}
+
+_OPENAI_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                 "permission": "permission_error", "not_found": "not_found_error", "rate_limit": "rate_limit_error",
+                 "timeout": "timeout_error", "upstream": "upstream_error", "overloaded": "overloaded_error",
+                 "unavailable": "service_unavailable", "internal": "server_error"}
+_ANTHROPIC_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                    "permission": "permission_error", "not_found": "not_found_error",
+                    "rate_limit": "rate_limit_error", "timeout": "timeout_error", "upstream": "api_error",
+                    "overloaded": "overloaded_error", "unavailable": "api_error", "internal": "api_error"}
+
+
+def dialect_for_path(path: str) -> str:
+    if path.startswith("/api/"):
+        return "ollama"
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai"
+
+
+def error_body(dialect: str, err: GatewayError) -> dict:
+    """The error envelope of `dialect` (SPEC §8) for `err`."""
+    if dialect == "anthropic":
+        if err.status == 413:
+            etype = "request_too_large"
+        else:
+            etype = _ANTHROPIC_TYPES.get(err.kind, "api_error")
+        return {"type": "error", "error": {"type": etype, "message": err.message}}
+    if dialect == "ollama":
+        return {"error": err.message}
+    return {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.kind, "server_error"),
+                      "param": err.param, "code": err.code}}
+
+
+def error_reply(dialect: str, err: GatewayError) -> Reply:
+    return json_reply(error_body(dialect, err), err.status, [(n.encode(), v.encode()) for n, v in err.headers])
+
+
+def stream_error_frame(kind: str, err: GatewayError) -> bytes:
+    """The final in-band error event for a relayed stream of `kind` (after a 200 was sent)."""
+    if kind in OLLAMA_KINDS:
+        return json.dumps({"error": err.message}).encode() + b"\n"
+    if kind in ("messages", "count_tokens"):
+        payload = json.dumps(error_body("anthropic", err))
+        return b"\n\nevent: error\ndata: " + payload.encode() + b"\n\n"
+    if kind == "responses":
+        payload = json.dumps({"type": "response.failed", "response": {
+            "id": "resp_failed", "object": "response", "status": "failed",
+            "error": {"code": "server_error", "message": err.message}, "output": []}})
+        return b"\n\nevent: response.failed\ndata: " + payload.encode() + b"\n\n"
+    payload = json.dumps(error_body("openai", err))
+    return b"\n\ndata: " + payload.encode() + b"\n\ndata: [DONE]\n\n"
+
+
+class ChatStream:
+    """Chat chunks → OpenAI SSE frames, for OpenAI clients of providers that do not speak OpenAI."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def feed(self, chunk: dict) -> list[bytes]:
+        return [b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"]
+
+    def finish(self) -> list[bytes]:
+        return [b"data: [DONE]\n\n"]
+
+    def fail(self, message: str) -> list[bytes]:
+        err = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
+        return [b"data: " + json.dumps(err).encode() + b"\n\n", b"data: [DONE]\n\n"]
+
+
+class Router:
+    """Resolves a request's `model` to (provider, upstream model) exactly as SPEC §4 says."""
+
+    def __init__(self, config: Config, providers: dict[str, Provider]) -> None:
+        self.config_path = config.path
+        self.configured = {p.name: p for p in config.providers}
+        self.providers = providers
+        self.default = next((providers[p.name] for p in config.providers if p.enabled), None)
+        self.model_owner: dict[str, Provider] = {}
+        for p in config.providers:
+            if p.enabled:
+                for m in p.models:
+                    self.model_owner.setdefault(m, providers[p.name])
+
+    def resolve(self, model: str) -> tuple[Provider, str]:
+        prefix, sep, rest = model.partition(":")
+        if sep and prefix in self.configured:
+            provider = self.providers.get(prefix)
+            if provider is None:
+                raise GatewayError(503, f"provider '{prefix}' is disabled; set \"enabled\": true for it in "
+                                        f"{self.config_path} to use it", "unavailable")
+            return provider, rest
+        provider = self.model_owner.get(model) or self.default
+        if provider is None:
+            raise GatewayError(503, f"no provider is enabled; set \"enabled\": true for one in {self.config_path}",
+                               "unavailable")
+        return provider, model
+
+
+class GatewayState:
+    """Everything derived from one config: swapped whole on reload, never mutated."""
+
+    def __init__(self, config: Config, pool: UpstreamPool, environ: dict | None = None) -> None:
+        self.config = config
+        self.providers = load_providers(config, pool, environ)
+        self.router = Router(config, self.providers)
+
+    def model_ids(self) -> list[tuple[str, str]]:
+        """(provider, provider:model) for every model of every enabled provider, in file order."""
+        return [(p.name, f"{p.name}:{m}") for p in self.config.providers if p.enabled for m in p.models]
+
+
+class Metrics:
+    """Counters and histograms for /metrics, kept as plain dicts (rendered on demand)."""
+
+    BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], list] = {}  # (metric, provider) → [bucket counts…, sum, count]
+        self.open_connections = 0
+        self.open_streams = 0
+        self.reloads = {"ok": 0, "failed": 0}
+
+    def observe(self, route: str, provider: str, status: int, duration_s: float, ttfb_s: float | None) -> None:
+        key = (route, provider, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self._hist("request_duration_seconds", provider, duration_s)
+        if ttfb_s is not None:
+            self._hist("upstream_ttfb_seconds", provider, ttfb_s)
+
+    def _hist(self, name: str, provider: str, value: float) -> None:
+        h = self.latency.get((name, provider))
+        if h is None:
+            h = self.latency[(name, provider)] = [0] * (len(self.BUCKETS_S) + 2)
+        for i, bound in enumerate(self.BUCKETS_S):
+            if value <= bound:
+                h[i] += 1
+        h[-2] += value
+        h[-1] += 1
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Gateway:
+    """Routes requests to providers and answers in the client's dialect."""
+
+    def __init__(self, config: Config, environ: dict | None = None) -> None:
+        import providers.translate as translate  # pure functions; loaded with the first gateway
+
+        self.tr = translate
+        self.environ = os.environ if environ is None else environ
+        self.pool = UpstreamPool()
+        self.state = GatewayState(config, self.pool, self.environ)
+        self.metrics = Metrics()
+        self.draining = False
+        self.auth: Any = None  # a KeyStore when gateway API keys are on
+        self.worker_id = ""
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def reload(self, path: str) -> bool:
+        """Swap in a new config if it is valid; keep the running one and log why if not."""
+        try:
+            config = load_config(path, create=False)
+            state = GatewayState(config, self.pool, self.environ)
+        except (ConfigError, OSError) as e:
+            self.metrics.reloads["failed"] += 1
+            log.error("config reload failed, keeping the running config: %s", e)
+            return False
+        old, self.state = self.state, state
+        self.metrics.reloads["ok"] += 1
+        for w in config.warnings:
+            log.warning("%s", w)
+        log.info("config reloaded from %s (%d providers enabled)", path, len(state.providers))
+        for provider in old.providers.values():
+            asyncio.ensure_future(provider.aclose())
+        return True
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    async def handle_get(self, kind: str, ctx: RequestContext) -> Reply:
+        if kind == "health":
+            return self.health()
+        if kind == "models":
+            return self.models(ctx)
+        if kind == "tags":
+            return json_reply({"models": [self.tr.ollama_tags_entry(mid) for _, mid in self.state.model_ids()]})
+        if kind == "version":
+            return json_reply({"version": "0.12.0"})
+        if kind == "metrics":
+            return Reply(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+                         self.render_metrics().encode())
+        raise GatewayError(404, "not found", "not_found")
+
+    async def handle_post(self, kind: str, dialect: str, raw: bytes, ctx: RequestContext) -> Reply:
+        """Parse, validate, route and answer one POST; errors raised here are rendered by the caller."""
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise GatewayError(400, f"the request body is not valid JSON ({e})", "invalid_request") from None
+        if not isinstance(body, dict):
+            raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
+        model = body.get("model")
+        if kind == "ollama_embed" and "input" not in body and "prompt" in body:
+            pass
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "'model' is required: a string such as \"provider:model\"", "invalid_request",
+                               param="model")
+        for field, ftype, what in REQUIRED_FIELDS[kind]:
+            value = body.get(field)
+            if not isinstance(value, ftype) or isinstance(value, bool):
+                state = "missing" if value is None else "invalid"
+                raise GatewayError(400, f"'{field}' is {state}: it must be {what}", "invalid_request", param=field)
+        provider, upstream_model = self.state.router.resolve(model)
+        ctx.provider = provider.name
+        ctx.model = upstream_model
+        body["model"] = upstream_model
+        stream = body.get("stream") is not False if kind in ("ollama_chat", "ollama_generate") \
+            else body.get("stream") is True
+        ctx.stream = stream
+        if kind in provider.native_kinds:
+            reply = await provider.forward(kind, body, ctx)
+            if isinstance(reply.body, bytes):
+                return reply
+            reply.body = self._guard_stream(reply.body, kind, ctx)
+            return reply
+        return await self._bridge(kind, provider, body, model, stream, ctx)
+
+    async def _guard_stream(self, chunks: AsyncIterator[bytes], kind: str, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except GatewayError as e:
+            ctx.note(stream_error=e.message)
+            log.warning("upstream failed mid-stream: %s", e.message)
+            yield stream_error_frame(kind, e)
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def _bridge(self, kind: str, provider: Provider, body: dict, client_model: str, stream: bool,
+                      ctx: RequestContext) -> Reply:
+        """Answer `kind` through the provider's chat (the hub), translating both ways."""
+        tr = self.tr
+        started_ns = time.time_ns()
+        if kind == "count_tokens":
+            return json_reply({"input_tokens": tr.estimate_anthropic_tokens(body)})
+        if kind == "ollama_show":
+            return json_reply(tr.ollama_show_response(client_model, provider.config.provider_type))
+        if kind == "ollama_embed":
+            result = await provider.request_json("embeddings", tr.ollama_embed_to_embeddings_request(body), ctx)
+            return json_reply(tr.embeddings_to_ollama_embed_response(result, client_model))
+        if kind == "embeddings":
+            raise GatewayError(400, f"provider '{provider.name}' ({provider.config.provider_type}) has no "
+                                    "embeddings endpoint; route this model to an OpenAI-compatible or Ollama provider",
+                               "invalid_request")
+        try:
+            if kind == "chat":
+                chat_body = body
+                if stream:
+                    chat_body = dict(body, stream_options={"include_usage": True})
+            elif kind == "messages":
+                chat_body = tr.anthropic_to_chat_request(body)
+            elif kind == "responses":
+                chat_body = tr.responses_to_chat_request(body)
+            elif kind == "ollama_chat":
+                chat_body = tr.ollama_chat_to_chat_request(body)
+            else:
+                chat_body = tr.ollama_generate_to_chat_request(body)
+        except tr.InvalidRequest as e:
+            raise GatewayError(400, str(e), "invalid_request", param=e.param) from None
+        chat_body["model"] = body["model"]
+        chat_body["stream"] = stream
+        result = await provider.chat(chat_body, ctx)
+        if not stream:
+            if not isinstance(result, dict):
+                raise GatewayError(502, f"provider '{provider.name}' streamed an answer to a non-stream request")
+            _note_usage(ctx, result.get("usage"))
+            if kind == "chat":
+                return json_reply(result)
+            if kind == "messages":
+                return json_reply(tr.chat_to_anthropic_response(result, client_model))
+            if kind == "responses":
+                return json_reply(tr.chat_to_responses_response(result, dict(body, model=client_model)))
+            if kind == "ollama_chat":
+                return json_reply(tr.chat_to_ollama_chat_response(result, client_model, started_ns))
+            return json_reply(tr.chat_to_ollama_generate_response(result, client_model, started_ns))
+        if isinstance(result, dict):
+            result = _completion_as_chunks(result)
+        if kind == "chat":
+            translator: Any = ChatStream()
+            headers = SSE_HEADERS
+        elif kind == "messages":
+            translator = tr.ChatToAnthropicStream(client_model)
+            headers = SSE_HEADERS
+        elif kind == "responses":
+            translator = tr.ChatToResponsesStream(dict(body, model=client_model))
+            headers = SSE_HEADERS
+        else:
+            translator = tr.ChatToOllamaStream(client_model, kind == "ollama_generate", started_ns)
+            headers = NDJSON_HEADERS
+        return Reply(200, headers, self._translate_stream(result, translator, ctx), sse=headers is SSE_HEADERS)
+
+    async def _translate_stream(self, chunks: AsyncIterator[dict], translator: Any,
+                                ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                if chunk.get("usage"):
+                    _note_usage(ctx, chunk["usage"])
+                for frame in translator.feed(chunk):
+                    yield frame
+            for frame in translator.finish():
+                yield frame
+        except GatewayError as e:
+            ctx.note(stream_error=e.message)
+            log.warning("upstream failed mid-stream: %s", e.message)
+            for frame in translator.fail(e.message):
+                yield frame
+        except Exception as e:  # a translator bug must end the stream cleanly, not cut it
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            log.exception("stream translation failed")
+            for frame in translator.fail(f"gateway error while translating the stream: {type(e).__name__}"):
+                yield frame
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # -- informational routes ---------------------------------------------------------------
+
+    def health(self) -> Reply:
+        state = self.state
+        providers = []
+        for p in state.config.providers:
+            entry: dict[str, Any] = {"name": p.name, "type": p.provider_type, "enabled": p.enabled}
+            provider = state.providers.get(p.name)
+            if provider is not None:
+                entry["keys"] = provider.key_count()
+                if provider.last_result is not None:
+                    ok, detail, latency_ms, when = provider.last_result
+                    entry["last_upstream"] = {"ok": ok, "result": detail, "latency_ms": latency_ms,
+                                              "seconds_ago": round(time.time() - when, 1)}
+            providers.append(entry)
+        status = "draining" if self.draining else "ok"
+        return json_reply({"status": status, "providers": providers}, 503 if self.draining else 200)
+
+    def models(self, ctx: RequestContext) -> Reply:
+        ids = self.state.model_ids()
+        if "anthropic-version" in ctx.headers:
+            data = [{"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
+                    for _, mid in ids]
+            return json_reply({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                               "last_id": data[-1]["id"] if data else None})
+        return json_reply({"object": "list", "data": [
+            {"id": mid, "object": "model", "created": 0, "owned_by": name} for name, mid in ids]})
+
+    def render_metrics(self) -> str:
+        m = self.metrics
+        wid = f'worker="{_label(self.worker_id)}",' if self.worker_id else ""
+        out = ["# HELP evo_gateway_requests_total Requests answered, by route, provider and status.",
+               "# TYPE evo_gateway_requests_total counter"]
+        for (route, provider, status), n in sorted(m.requests.items()):
+            out.append(f'evo_gateway_requests_total{{{wid}route="{_label(route)}",provider="{_label(provider)}",'
+                       f'status="{status}"}} {n}')
+        for name, help_text in (("request_duration_seconds", "Time from request head to the last response byte."),
+                                ("upstream_ttfb_seconds", "Time from sending upstream to its response head.")):
+            out.append(f"# HELP evo_gateway_{name} {help_text}")
+            out.append(f"# TYPE evo_gateway_{name} histogram")
+            for (metric, provider), h in sorted(m.latency.items()):
+                if metric != name:
+                    continue
+                lbl = f'{wid}provider="{_label(provider)}"'
+                for bound, count in zip(Metrics.BUCKETS_S, h):
+                    out.append(f'evo_gateway_{name}_bucket{{{lbl},le="{bound}"}} {count}')
+                out.append(f'evo_gateway_{name}_bucket{{{lbl},le="+Inf"}} {h[-1]}')
+                out.append(f"evo_gateway_{name}_sum{{{lbl}}} {h[-2]:.6f}")
+                out.append(f"evo_gateway_{name}_count{{{lbl}}} {h[-1]}")
+        w = f"{{{wid[:-1]}}}" if wid else ""
+        out += ["# HELP evo_gateway_open_connections Client connections open.",
+                "# TYPE evo_gateway_open_connections gauge", f"evo_gateway_open_connections{w} {m.open_connections}",
+                "# HELP evo_gateway_open_streams Streamed responses in progress.",
+                "# TYPE evo_gateway_open_streams gauge", f"evo_gateway_open_streams{w} {m.open_streams}",
+                "# HELP evo_gateway_upstream_connections Upstream connections by origin and state.",
+                "# TYPE evo_gateway_upstream_connections gauge"]
+        for origin, (idle, active) in sorted(self.pool.stats().items()):
+            out.append(f'evo_gateway_upstream_connections{{{wid}origin="{_label(origin)}",state="idle"}} {idle}')
+            out.append(f'evo_gateway_upstream_connections{{{wid}origin="{_label(origin)}",state="active"}} {active}')
+        out += ["# HELP evo_gateway_key_cooldowns Upstream keys set aside after a refusal.",
+                "# TYPE evo_gateway_key_cooldowns gauge"]
+        for name, provider in sorted(self.state.providers.items()):
+            keys = getattr(provider, "keys", None)
+            if isinstance(keys, KeyPool):
+                out.append(f'evo_gateway_key_cooldowns{{{wid}provider="{_label(name)}"}} {keys.cooling_count()}')
+        out += ["# HELP evo_gateway_cli_processes CLI tool processes running.",
+                "# TYPE evo_gateway_cli_processes gauge"]
+        for name, provider in sorted(self.state.providers.items()):
+            running = getattr(provider, "running", None)
+            if isinstance(running, int):
+                out.append(f'evo_gateway_cli_processes{{{wid}provider="{_label(name)}"}} {running}')
+        out += ["# HELP evo_gateway_config_reloads_total Config reloads by result.",
+                "# TYPE evo_gateway_config_reloads_total counter"]
+        for result, n in m.reloads.items():
+            out.append(f'evo_gateway_config_reloads_total{{{wid}result="{result}"}} {n}')
+        return "\n".join(out) + "\n"
+
+
+def _note_usage(ctx: RequestContext, usage: Any) -> None:
+    if isinstance(usage, dict):
+        ctx.note(usage={k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage})
+
+
+async def _completion_as_chunks(resp: dict) -> AsyncIterator[dict]:
+    """A whole chat.completion replayed as chunks, for providers that answered a stream at once."""
+    choice = (resp.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    base = {"id": resp.get("id", "chatcmpl-gateway"), "object": "chat.completion.chunk",
+            "created": resp.get("created", int(time.time())), "model": resp.get("model", "")}
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [dict(tc, index=i) for i, tc in enumerate(message["tool_calls"])]
+    yield dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}])
+    yield dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}])
+    if resp.get("usage"):
+        yield dict(base, choices=[], usage=resp["usage"])
+
+
+# =============================================================================================
+# server: one asyncio.Protocol per connection feeding h11, one task pulling its events
+# =============================================================================================
+#
+# Theory of operation. `data_received` feeds bytes into the h11 state machine and wakes the
+# connection's task; the task pulls events (`next_event()` until NEED_DATA), reads a request
+# head, decides from the head alone what it can (route, method, auth, size), then the body,
+# then writes the reply — all bytes h11 produces for a step go out in one `write`. A client
+# that disconnects (EOF or a lost connection) while a request is in flight cancels the task,
+# and the cancellation closes the upstream connection or kills the CLI process on its way
+# out. Deadlines (head, keep-alive idle) and SSE keep-alives are checked by one periodic
+# ticker for all connections instead of a timer per request.
+
+_STATUS_PHRASES = {code: phrase.encode() for code, phrase in (
+    (100, "Continue"), (200, "OK"), (201, "Created"), (204, "No Content"), (400, "Bad Request"),
+    (401, "Unauthorized"), (403, "Forbidden"), (404, "Not Found"), (405, "Method Not Allowed"),
+    (408, "Request Timeout"), (409, "Conflict"), (413, "Content Too Large"), (415, "Unsupported Media Type"),
+    (422, "Unprocessable Content"), (429, "Too Many Requests"), (431, "Request Header Fields Too Large"),
+    (500, "Internal Server Error"), (502, "Bad Gateway"), (503, "Service Unavailable"),
+    (504, "Gateway Timeout"), (529, "Overloaded"))}
+_SERVER_HEADER = (b"server", f"evo-gateway/{__version__}".encode())
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: h11 in server role, pipelined requests answered in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.gateway = server.gateway
+        limits = server.limits
+        self.limits = limits
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None
+        self._data_waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self.closed = False
+        self.handling = False  # a request is in flight (client gone → cancel it)
+        self.deadline: float | None = None
+        self.waiting_head = False
+        self.requests_served = 0
+        self.streaming_sse = False
+        self.stream_last_write = 0.0
+        self.stream_at_boundary = True
+
+    # -- asyncio.Protocol callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.server.connections.add(self)
+        self.gateway.metrics.open_connections += 1
+        self.task = asyncio.get_event_loop().create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.receive_data(data)
+        except RuntimeError:  # data after EOF: nothing more is read from this connection
+            return
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        elif not self._read_paused and len(self.conn.trailing_data[0]) > self.limits.max_head_bytes:
+            # Pipelined bytes pile up while a request is handled: stop reading until needed.
+            self._read_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        try:
+            self.conn.receive_data(b"")
+        except RuntimeError:
+            pass
+        if self.handling and self.task is not None:
+            self.task.cancel()  # the client went away mid-request: stop the upstream work now
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.connections.discard(self)
+        self.gateway.metrics.open_connections -= 1
+        if self.handling and self.task is not None and not self.task.done():
+            self.task.cancel()
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_for_data(self) -> None:
+        if self.closed:
+            raise ConnectionError("client connection closed")
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._data_waiter = asyncio.get_event_loop().create_future()
+        try:
+            await self._data_waiter
+        finally:
+            self._data_waiter = None
+
+    async def _drain(self) -> None:
+        if self._write_paused and not self.closed:
+            self._drain_waiter = asyncio.get_event_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+        if self.closed:
+            raise ConnectionError("client connection closed")
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # -- the connection loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while not self.closed:
+                request = await self._read_request_head()
+                if request is None:
+                    break
+                self.handling = True
+                try:
+                    await self._respond(request)
+                finally:
+                    self.handling = False
+                self.requests_served += 1
+                if self.server.draining or self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                    break
+                self.conn.start_next_cycle()
+        except asyncio.CancelledError:
+            pass
+        except ConnectionError:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self.close()
+
+    async def _read_request_head(self) -> h11.Request | None:
+        loop_time = time.monotonic
+        idle = self.requests_served > 0 and not self.conn.trailing_data[0]
+        self.deadline = loop_time() + (self.limits.keep_alive_s if idle else self.limits.head_timeout_s)
+        self.waiting_head = True
+        try:
+            while True:
+                try:
+                    event = self.conn.next_event()
+                except h11.RemoteProtocolError as e:
+                    status = e.error_status_hint
+                    message = ("the request head is larger than the limit of "
+                               f"{self.limits.max_head_bytes} bytes" if status == 431 else f"malformed request: {e}")
+                    await self._send_early_error(status, message, "openai")
+                    return None
+                if event is h11.NEED_DATA:
+                    if idle and self.conn.trailing_data[0]:
+                        idle = False  # the first bytes of a head: its deadline starts now
+                        self.deadline = loop_time() + self.limits.head_timeout_s
+                    if self.server.draining and idle:
+                        return None
+                    await self._wait_for_data()
+                    continue
+                if isinstance(event, h11.Request):
+                    return event
+                return None  # ConnectionClosed, or PAUSED after a close
+        finally:
+            self.waiting_head = False
+            self.deadline = None
+
+    async def _send_early_error(self, status: int, message: str, dialect: str) -> None:
+        """An error answered before the request was understood; the connection closes after it."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        reply = error_reply(dialect, GatewayError(status, message))
+        reply.headers.append((b"connection", b"close"))
+        try:
+            await self._send_reply(reply, uuid.uuid4().hex, None)
+        except (ConnectionError, h11.LocalProtocolError):
+            pass
+
+    async def _respond(self, request: h11.Request) -> None:
+        gateway = self.gateway
+        request_id = uuid.uuid4().hex
+        target = request.target.decode("latin-1")
+        path = target.split("?", 1)[0]
+        method = request.method.decode("latin-1")
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            key = name.decode("latin-1")
+            headers[key] = value.decode("latin-1") if key not in headers else headers[key] + ", " + value.decode(
+                "latin-1")
+        ctx = RequestContext(request_id, headers)
+        route = ROUTES.get(path)
+        dialect = route[2] if route else dialect_for_path(path)
+        kind = route[1] if route else ""
+        reply: Reply | None = None
+        status = 0
+        key_name = None
+        try:
+            if "content-length" in headers and "transfer-encoding" in headers:
+                raise _CloseAfter(GatewayError(400, "a request must not carry both Content-Length and "
+                                                    "Transfer-Encoding"))
+            if route is None:
+                raise GatewayError(404, f"no route for {path}; see the README for the routes this gateway serves",
+                                   "not_found")
+            if method != route[0]:
+                allow = "GET, HEAD" if route[0] == "GET" else route[0]
+                if not (method == "HEAD" and route[0] == "GET"):
+                    raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
+                                       headers=[("allow", allow)])
+            if gateway.auth is not None and kind != "health":
+                key_name = gateway.auth.check(headers, dialect)
+            if route[0] == "POST":
+                raw = await self._read_body(headers)
+                reply = await gateway.handle_post(kind, dialect, raw, ctx)
+            else:
+                reply = await gateway.handle_get(kind, ctx)
+        except _CloseAfter as e:
+            reply = error_reply(dialect, e.error)
+            reply.headers.append((b"connection", b"close"))
+        except GatewayError as e:
+            reply = error_reply(dialect, e)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            reply = error_reply(dialect, GatewayError(500, f"internal gateway error (request id {request_id})",
+                                                      "internal"))
+        status = reply.status
+        try:
+            if method == "HEAD":
+                reply.body = b""
+            await self._send_reply(reply, request_id, ctx)
+        finally:
+            self._log_request(ctx, method, path, status, key_name)
+
+    async def _read_body(self, headers: dict[str, str]) -> bytes:
+        limit = self.limits.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise _CloseAfter(GatewayError(400, "invalid Content-Length"))
+            if int(length) > limit:
+                raise _CloseAfter(GatewayError(413, f"the request body is {length} bytes; the limit is {limit} "
+                                                    "(server.max_body_bytes)"))
+        ctype = headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise _CloseAfter(GatewayError(415, f"the request body must be JSON, sent with Content-Type: "
+                                                f"application/json (got {ctype or 'none'})"))
+        if self.conn.they_are_waiting_for_100_continue:
+            self._write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        parts = []
+        size = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                await self._wait_for_data()
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise _CloseAfter(GatewayError(413, f"the request body is over the limit of {limit} bytes "
+                                                        "(server.max_body_bytes)"))
+                parts.append(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            raise _CloseAfter(GatewayError(400, "the request body ended early"))
+
+    async def _send_reply(self, reply: Reply, request_id: str, ctx: RequestContext | None) -> None:
+        headers = [(b"date", self.server.date_header), _SERVER_HEADER, (b"x-request-id", request_id.encode())]
+        if self.gateway.worker_id:
+            headers.append((b"x-evo-worker", self.gateway.worker_id.encode()))
+        headers += reply.headers
+        if reply.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        reason = _STATUS_PHRASES.get(reply.status, b"")
+        body = reply.body
+        if isinstance(body, (bytes, bytearray)):
+            headers.append((b"content-length", str(len(body)).encode()))
+            data = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
+            if body:
+                data += self.conn.send(h11.Data(data=body))
+            data += self.conn.send(h11.EndOfMessage())
+            self._write(data)
+            return
+        metrics = self.gateway.metrics
+        metrics.open_streams += 1
+        self.streaming_sse = reply.sse
+        self.stream_at_boundary = True
+        try:
+            self._write(self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason)))
+            self.stream_last_write = time.monotonic()
+            async for chunk in body:
+                if not chunk:
+                    continue
+                self._write(self.conn.send(h11.Data(data=chunk)))
+                self.stream_last_write = time.monotonic()
+                self.stream_at_boundary = chunk.endswith(b"\n\n")
+                if self._write_paused:
+                    await self._drain()
+                if self.closed:
+                    raise ConnectionError("client connection closed")
+            self._write(self.conn.send(h11.EndOfMessage()))
+        finally:
+            self.streaming_sse = False
+            metrics.open_streams -= 1
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def send_keepalive_if_quiet(self, now: float) -> None:
+        """Called by the ticker: a quiet SSE stream gets a comment so proxies keep it open."""
+        if self.streaming_sse and self.stream_at_boundary and now - self.stream_last_write >= SSE_KEEPALIVE_S:
+            try:
+                self._write(self.conn.send(h11.Data(data=b": keep-alive\n\n")))
+            except h11.LocalProtocolError:
+                return
+            self.stream_last_write = now
+
+    def _log_request(self, ctx: RequestContext, method: str, path: str, status: int, key_name: str | None) -> None:
+        duration = time.monotonic() - ctx.started
+        ttfb_ms = ctx.log.get("ttfb_ms")
+        self.gateway.metrics.observe(path if path in ROUTES else "other", ctx.provider or "-", status, duration,
+                                     ttfb_ms / 1000 if ttfb_ms is not None else None)
+        fields = {"request_id": ctx.request_id, "method": method, "path": path, "status": status,
+                  "provider": ctx.provider or None, "model": ctx.model or None, "stream": ctx.stream,
+                  "duration_ms": round(duration * 1000, 1), "key": key_name}
+        fields.update(ctx.log)
+        level = logging.INFO if status < 400 else logging.WARNING
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %s %s", method, path, status, _summary(fields), extra={"fields": fields})
+
+
+class _CloseAfter(Exception):
+    """An error answered before the body was read: the connection closes after the reply."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _summary(fields: dict) -> str:
+    skip = ("method", "path", "status")
+    return " ".join(f"{k}={v}" for k, v in fields.items() if v is not None and k not in skip)
+
+
+class Server:
+    """The listening socket(s), the connection set, the ticker and the graceful stop."""
+
+    def __init__(self, gateway: Gateway, limits: ServerConfig, config_file: str | None = None) -> None:
+        self.gateway = gateway
+        self.limits = limits
+        self.config_file = config_file
+        self.connections: set[HttpConnection] = set()
+        self.draining = False
+        self.date_header = b""
+        self._servers: list[asyncio.AbstractServer] = []
+        self._ticker: asyncio.Task | None = None
+        self._config_stat: tuple | None = _stat_key(config_file) if config_file else None
+        self._update_date()
+
+    def _update_date(self) -> None:
+        self.date_header = email.utils.formatdate(usegmt=True).encode()
+
+    async def start(self, host: str, port: int, reuse_port: bool = False, sock: socket.socket | None = None) -> list:
+        """Listen; returns the bound (host, port) pairs (port 0 picks a free port)."""
+        loop = asyncio.get_event_loop()
+        if sock is not None:
+            srv = await loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=1024)
+        else:
+            srv = await loop.create_server(lambda: HttpConnection(self), host, port, backlog=1024,
+                                           reuse_port=reuse_port or None)
+        self._servers.append(srv)
+        self._ticker = loop.create_task(self._tick())
+        return [s.getsockname()[:2] for s in srv.sockets]
+
+    async def _tick(self) -> None:
+        last_date = 0.0
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            if now - last_date >= 1.0:
+                self._update_date()
+                last_date = now
+            for conn in list(self.connections):
+                if conn.deadline is not None and now > conn.deadline:
+                    conn.abort()  # a slow head or an idle keep-alive past its time
+                elif conn.streaming_sse:
+                    conn.send_keepalive_if_quiet(now)
+            auth = self.gateway.auth
+            if auth is not None:
+                auth.refresh()
+            if self.config_file:
+                self.check_config_file()
+
+    def check_config_file(self) -> None:
+        current = _stat_key(self.config_file)
+        if current != self._config_stat:
+            self._config_stat = current
+            if current is not None:
+                self.gateway.reload(self.config_file)  # type: ignore[arg-type]
+
+    def stop_listening(self) -> None:
+        for srv in self._servers:
+            srv.close()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let requests in flight finish for up to `grace_s`, then close the rest."""
+        self.draining = True
+        self.gateway.draining = True
+        self.stop_listening()
+        for conn in list(self.connections):
+            if not conn.handling:
+                conn.close()
+        deadline = time.monotonic() + grace_s
+        while any(c.handling for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.task is not None and not conn.task.done():
+                conn.task.cancel()
+            conn.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for srv in self._servers:
+            await srv.wait_closed() if sys.version_info < (3, 12) else None
+        for provider in self.gateway.state.providers.values():
+            await provider.aclose()
+        self.gateway.pool.close_all()
+
+
+def _stat_key(path: str | None) -> tuple | None:
+    try:
+        st = os.stat(path)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+# =============================================================================================
+# process: logging, event loop, serve
+# =============================================================================================
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z", "level": record.levelname, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG, "trace": logging.DEBUG}
+
+
+def log_level(environ: dict | None = None) -> int:
+    """Level from EVO_LOG or RUST_LOG (`debug`, or filter syntax such as `evo_gateway=debug,info`)."""
+    environ = os.environ if environ is None else environ
+    spec = environ.get("EVO_LOG") or environ.get("RUST_LOG") or "info"
+    for part in spec.replace(",", " ").split():
+        level = _LEVELS.get(part.rsplit("=", 1)[-1].strip().lower())
+        if level is not None:
+            return level
+    return logging.INFO
+
+
+def setup_logging(environ: dict | None = None) -> None:
+    """Human lines on stdout; JSON lines in $EVO_LOG_DIR/gateway.log rotated daily."""
+    environ = os.environ if environ is None else environ
+    log.setLevel(log_level(environ))
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(message)s"))
+    log.addHandler(console)
+    log_dir = environ.get("EVO_LOG_DIR", "./logs")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        file_handler = logging.handlers.TimedRotatingFileHandler(os.path.join(log_dir, "gateway.log"),
+                                                                 when="midnight", utc=True, encoding="utf-8")
+    except OSError as e:
+        log.warning("cannot write logs to %s (%s); logging to stdout only", log_dir, e.strerror)
+        return
+    file_handler.setFormatter(_JsonFormatter())
+    log.addHandler(file_handler)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is importable, else asyncio's."""
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve_main(config_file: str | None = None, host: str | None = None, port: int | None = None,
+               workers: int | None = None) -> int:
+    """`evo-gateway serve`: load the config, listen, serve until SIGTERM/SIGINT; returns the exit code."""
+    setup_logging()
+    path = config_path(config_file)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    for w in config.warnings:
+        log.warning("%s", w)
+    limits = config.server
+    host = host or limits.host
+    port = limits.port if port is None else port
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve(config, path, host, port))
+    finally:
+        loop.close()
+
+
+async def _serve(config: Config, path: str, host: str, port: int) -> int:
+    loop = asyncio.get_event_loop()
+    gateway = Gateway(config)
+    server = Server(gateway, config.server, path)
+    try:
+        bound = await server.start(host, port)
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", host, port, e.strerror or e)
+        return 1
+    stop = loop.create_future()
+    signals_seen = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        if not stop.done():
+            stop.set_result(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(path))
+    loop_name = type(loop).__module__.split(".")[0]
+    log.info("evo-gateway %s listening on %s (event loop: %s, %d providers enabled)", __version__,
+             ", ".join(f"http://{h}:{p}" for h, p in bound), loop_name, len(gateway.state.providers))
+    signum = await stop
+    log.info("received %s: finishing requests in flight (up to %ss)", signal.Signals(signum).name,
+             config.server.shutdown_grace_s)
+    await server.shutdown(gateway.state.config.server.shutdown_grace_s)
+    log.info("stopped")
+    return 0
