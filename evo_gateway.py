@@ -8,7 +8,8 @@ Sections, in dependency order:
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Dict, Union
+from collections.abc import AsyncIterator
+from typing import Any, Union
 
 __version__ = "0.1.0"
 
@@ -46,7 +47,7 @@ def _kind_for_status(status: int) -> str:
 
 # A chat result from a provider: a chat.completion dict, or (stream) an async iterator of
 # chat.completion.chunk dicts that ends when the answer is complete.
-ChatResult = Union[Dict[str, Any], AsyncIterator[Dict[str, Any]]]
+ChatResult = Union[dict[str, Any], AsyncIterator[dict[str, Any]]]
 
 
 # =============================================================================================
@@ -61,7 +62,7 @@ class RequestContext:
     the request log line should carry (`usage`, `upstream_status`) through `note()`.
     """
 
-    __slots__ = ("request_id", "headers", "provider", "model", "stream", "log")
+    __slots__ = ("headers", "log", "model", "provider", "request_id", "stream")
 
     def __init__(self, request_id: str, headers: dict[str, str]) -> None:
         self.request_id = request_id
@@ -113,19 +114,19 @@ class Provider:
 # costs one `os.stat` and re-reads the file only when its (mtime, size, inode) changed; a file
 # that turns malformed is logged once and the last good keys stay in force.
 
-import fcntl  # noqa: E402
-import hashlib  # noqa: E402
-import hmac  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import secrets  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-from typing import Iterator, Mapping  # noqa: E402
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
 
 KEYS_ENV = "EVO_GATEWAY_AUTH_KEYS"
 AUTH_ENV = "EVO_GATEWAY_AUTH"
@@ -380,8 +381,8 @@ class KeyStore:
         return None
 
     def missing_keys_hint(self) -> str:
-        """The exact command that creates a key in the file this store reads."""
-        return f"{_cli_command()} auth generate --name NAME --keys {shlex.quote(self.path)}"
+        """The exact command that creates a key in the file this store reads (its absolute path)."""
+        return f"{_cli_command()} auth generate --name NAME --keys {shlex.quote(os.path.abspath(self.path))}"
 
 
 def _presented_keys(headers: Mapping[str, str]) -> list[str]:
