@@ -219,8 +219,9 @@ def _ollama_common_fields(body: dict, out: dict) -> dict:
             if options.get(name) is not None:
                 out[name] = options[name]
         num_predict = options.get("num_predict")
-        # −1 (unlimited) and −2 (fill the context) have no OpenAI spelling: leave the limit unset.
-        if isinstance(num_predict, int) and not isinstance(num_predict, bool) and num_predict >= 0:
+        # −1 (unlimited) and −2 (fill the context) have no OpenAI spelling, and OpenAI servers
+        # reject max_tokens 0: in all those cases leave the limit unset.
+        if isinstance(num_predict, int) and not isinstance(num_predict, bool) and num_predict > 0:
             out["max_tokens"] = num_predict
         # top_k, num_ctx, repeat_penalty, num_gpu… are runtime knobs OpenAI servers do not share.
     fmt = body.get("format")
@@ -306,6 +307,13 @@ def _ollama_done_reason(finish_reason: Any) -> str:
     return "length" if finish_reason == "length" else "stop"
 
 
+def _ollama_count(value: Any) -> int:
+    """A token count from upstream usage; anything but a non-negative number reads 0."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    return 0
+
+
 def _ollama_metrics(usage: Any, started_ns: int | None, first_ns: int | None = None) -> dict:
     """Counts from OpenAI usage plus durations in ns measured by the gateway (0 when unknown).
 
@@ -322,9 +330,9 @@ def _ollama_metrics(usage: Any, started_ns: int | None, first_ns: int | None = N
     return {
         "total_duration": total,
         "load_duration": 0,  # nothing is loaded by the gateway
-        "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+        "prompt_eval_count": _ollama_count(usage.get("prompt_tokens")),
         "prompt_eval_duration": prompt_ns,
-        "eval_count": int(usage.get("completion_tokens") or 0),
+        "eval_count": _ollama_count(usage.get("completion_tokens")),
         "eval_duration": total - prompt_ns,
     }
 
@@ -552,7 +560,11 @@ def ollama_embed_to_embeddings_request(body: dict) -> dict:
 
 
 def _ollama_embedding_vector(embedding: Any) -> list:
-    """An OpenAI embedding as floats: a list as is, a base64 string as little-endian float32."""
+    """An OpenAI embedding as floats: a list as is, a base64 string as little-endian float32.
+
+    Undecodable base64 raises `binascii.Error` (a ValueError): a broken upstream answer is the
+    caller's 502, not an empty vector that would silently poison a search index.
+    """
     if isinstance(embedding, str):
         raw = base64.b64decode(embedding)
         return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) // 4 * 4]))
@@ -575,7 +587,7 @@ def embeddings_to_ollama_embed_response(resp: dict, model: str) -> dict:
         "embeddings": [_ollama_embedding_vector(d.get("embedding")) for d in items],
         "total_duration": 0,
         "load_duration": 0,
-        "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+        "prompt_eval_count": _ollama_count(usage.get("prompt_tokens")),
     }
 
 

@@ -424,3 +424,11 @@ def test_official_ollama_client_models_accept_our_objects():
     show = ollama.ShowResponse.model_validate(ollama_show_response("openai:gpt-4o", "open_ai_compatible"))
     assert show.modelinfo == {} and show.capabilities == ["completion", "tools"]
     assert show.modified_at is not None and show.details.parameter_size == ""
+
+
+def test_num_predict_zero_and_odd_usage_values_are_harmless():
+    out = ollama_chat_to_chat_request({"model": "m", "messages": [], "options": {"num_predict": 0}})
+    assert "max_tokens" not in out
+    resp = {"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "many", "completion_tokens": None}}
+    out = chat_to_ollama_chat_response(resp, "m")
+    assert (out["prompt_eval_count"], out["eval_count"]) == (0, 0)
