@@ -1299,12 +1299,12 @@ ROUTES: dict[str, tuple[str, str, str]] = {
     "/api/chat": ("POST", "ollama_chat", "ollama"),
     "/api/generate": ("POST", "ollama_generate", "ollama"),
     "/api/embed": ("POST", "ollama_embed", "ollama"),
-    "/api/embeddings": ("POST", "ollama_embed", "ollama"),
+    "/api/embeddings": ("POST", "ollama_embeddings", "ollama"),
     "/api/show": ("POST", "ollama_show", "ollama"),
     "/api/tags": ("GET", "tags", "ollama"),
     "/api/version": ("GET", "version", "ollama"),
 }
-OLLAMA_KINDS = frozenset({"ollama_chat", "ollama_generate", "ollama_embed", "ollama_show"})
+OLLAMA_KINDS = frozenset({"ollama_chat", "ollama_generate", "ollama_embed", "ollama_embeddings", "ollama_show"})
 # Fields each kind cannot do without: checked before anything reaches an upstream.
 REQUIRED_FIELDS: dict[str, tuple[tuple[str, type, str], ...]] = {
     "chat": (("messages", list, "a list of messages"),),
@@ -1315,6 +1315,7 @@ REQUIRED_FIELDS: dict[str, tuple[tuple[str, type, str], ...]] = {
     "responses": (),
     "embeddings": (),
     "ollama_embed": (),
+    "ollama_embeddings": (),
     "ollama_show": (),
 }
 
@@ -1478,6 +1479,20 @@ class Gateway:
         self.auth: Any = None  # a KeyStore when gateway API keys are on
         self.worker_id = ""
 
+    def authenticate(self, headers: dict[str, str]) -> str:
+        """The name of the gateway key the client presented; 401 in its dialect if there is none."""
+        store = self.auth
+        name = store.authenticate(headers)
+        if name is None:
+            if store.is_empty:
+                message = ("gateway API keys are required (EVO_GATEWAY_AUTH is on) but none exists yet; "
+                           f"create one with: {store.missing_keys_hint()}")
+            else:
+                message = ("missing or invalid gateway API key: send it as 'Authorization: Bearer <key>' "
+                           "or 'x-api-key: <key>'")
+            raise GatewayError(401, message, "authentication", code="invalid_api_key")
+        return name
+
     # -- reload ---------------------------------------------------------------------------
 
     def reload(self, path: str) -> bool:
@@ -1523,8 +1538,6 @@ class Gateway:
         if not isinstance(body, dict):
             raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
         model = body.get("model")
-        if kind == "ollama_embed" and "input" not in body and "prompt" in body:
-            pass
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required: a string such as \"provider:model\"", "invalid_request",
                                param="model")
@@ -1568,9 +1581,19 @@ class Gateway:
             return json_reply({"input_tokens": tr.estimate_anthropic_tokens(body)})
         if kind == "ollama_show":
             return json_reply(tr.ollama_show_response(client_model, provider.config.provider_type))
-        if kind == "ollama_embed":
-            result = await provider.request_json("embeddings", tr.ollama_embed_to_embeddings_request(body), ctx)
-            return json_reply(tr.embeddings_to_ollama_embed_response(result, client_model))
+        if kind in ("ollama_embed", "ollama_embeddings"):
+            try:
+                request = tr.ollama_embed_to_embeddings_request(body)
+            except tr.InvalidRequest as e:
+                raise GatewayError(400, str(e), "invalid_request", param=e.param) from None
+            result = await provider.request_json("embeddings", request, ctx)
+            try:
+                if kind == "ollama_embeddings":
+                    return json_reply(tr.embeddings_to_ollama_legacy_response(result))
+                return json_reply(tr.embeddings_to_ollama_embed_response(result, client_model))
+            except (ValueError, KeyError, TypeError) as e:
+                raise GatewayError(502, f"provider '{provider.name}' sent an embeddings answer the gateway "
+                                        f"cannot read ({e})", "upstream") from None
         if kind == "embeddings":
             raise GatewayError(400, f"provider '{provider.name}' ({provider.config.provider_type}) has no "
                                     "embeddings endpoint; route this model to an OpenAI-compatible or Ollama provider",
@@ -1991,7 +2014,7 @@ class HttpConnection(asyncio.Protocol):
                     raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
                                        headers=[("allow", allow)])
             if gateway.auth is not None and kind != "health":
-                key_name = gateway.auth.check(headers, dialect)
+                key_name = gateway.authenticate(headers)
             if route[0] == "POST":
                 raw = await self._read_body(headers)
                 reply = await gateway.handle_post(kind, dialect, raw, ctx)
@@ -2306,6 +2329,15 @@ def serve_main(config_file: str | None = None, host: str | None = None, port: in
 async def _serve(config: Config, path: str, host: str, port: int) -> int:
     loop = asyncio.get_event_loop()
     gateway = Gateway(config)
+    if auth_enabled():
+        store = KeyStore(keys_path(None))
+        store.refresh()
+        gateway.auth = store
+        if store.is_empty:
+            log.warning("!!! EVO_GATEWAY_AUTH is on but %s holds no keys: every request will be refused. "
+                        "Create a key with: %s", store.path, store.missing_keys_hint())
+        else:
+            log.info("authentication enabled (%d keys in %s)", len(store), store.path)
     server = Server(gateway, config.server, path)
     try:
         bound = await server.start(host, port)
