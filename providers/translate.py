@@ -486,7 +486,9 @@ def _responses_usage(usage: Any) -> dict:
     completion_details = usage.get("completion_tokens_details") or {}
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": _int(prompt_details.get("cached_tokens"))},
+        # cache_write_tokens is required by recent openai-python Response models; chat rarely reports it.
+        "input_tokens_details": {"cached_tokens": _int(prompt_details.get("cached_tokens")),
+                                 "cache_write_tokens": _int(prompt_details.get("cache_write_tokens"))},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": _int(completion_details.get("reasoning_tokens"))},
         "total_tokens": _int(usage.get("total_tokens")) or prompt + completion,
@@ -554,9 +556,10 @@ def _custom_input(arguments: str) -> str:
     return parsed if isinstance(parsed, str) else arguments
 
 
-def _tool_call_item(tmap: ResponsesToolMap, item_id: str, call_id: str, chat_name: str, arguments: str,
+def _tool_call_item(tmap: ResponsesToolMap, item_id: str | None, call_id: str, chat_name: str, arguments: str,
                     status: str) -> dict:
     kind, name, namespace = tmap.lookup(chat_name)
+    item_id = item_id or _rid("ctc_" if kind == "custom" else "fc_")
     if kind == "custom":
         item = {"id": item_id, "type": "custom_tool_call", "call_id": call_id, "name": name,
                 "input": _custom_input(arguments)}
@@ -607,7 +610,7 @@ def chat_to_responses_response(resp: dict, request: dict) -> dict:
         arguments = fn.get("arguments")
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-        output.append(_tool_call_item(tmap, _rid("fc_"), call.get("id") or _rid("call_"), fn.get("name") or "",
+        output.append(_tool_call_item(tmap, None, call.get("id") or _rid("call_"), fn.get("name") or "",
                                       arguments, "completed"))
     created = resp.get("created")
     return _response_object(
@@ -627,7 +630,7 @@ class _StreamCall:
     __slots__ = ("arguments", "call_id", "closed", "item_id", "name", "output_index")
 
     def __init__(self, call_id: str) -> None:
-        self.item_id = _rid("fc_")
+        self.item_id = ""  # assigned when announced: fc_ or ctc_ depends on the tool kind
         self.call_id = call_id
         self.name = ""
         self.arguments = ""
@@ -732,6 +735,7 @@ class ChatToResponsesStream:
     def _open_call(self, call: _StreamCall) -> list[bytes]:
         frames = self._close_open()
         kind, name, namespace = self._tmap.lookup(call.name)
+        call.item_id = _rid("ctc_" if kind == "custom" else "fc_")
         if kind == "custom":
             item: dict[str, Any] = {"id": call.item_id, "type": "custom_tool_call", "call_id": call.call_id,
                                     "name": name, "input": ""}
