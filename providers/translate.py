@@ -576,7 +576,12 @@ def _incomplete_reason(finish_reason: Any) -> str | None:
 
 
 def _chat_text(content: Any) -> str:
-    return content if isinstance(content, str) else _parts_text(content) if isinstance(content, list) else ""
+    """Text of chat content; text parts are concatenated as-is (they are pieces of one answer)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
 
 
 def chat_to_responses_response(resp: dict, request: dict) -> dict:
@@ -853,10 +858,8 @@ class ChatToResponsesStream:
             thinking = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(thinking, str) and thinking:
                 frames.extend(self._text_delta("reasoning", thinking))
-            content = delta.get("content")
-            if isinstance(content, list):
-                content = _parts_text(content)
-            if isinstance(content, str) and content:
+            content = _chat_text(delta.get("content"))
+            if content:
                 frames.extend(self._text_delta("message", content))
             for fragment in delta.get("tool_calls") or []:
                 if isinstance(fragment, dict):
