@@ -1,0 +1,461 @@
+"""The core over real sockets: the official openai client → gateway → mock upstream, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import openai
+import pytest
+from conftest import provider
+from mock_upstream import MockResponse, chat_chunks, chat_completion, sse_body
+
+
+def chat_handler(record: list | None = None):
+    async def handler(req):
+        body = req.json()
+        if record is not None:
+            record.append((req.path, req.headers, body))
+        if req.path.endswith("/embeddings"):
+            return MockResponse(200, {"object": "list", "model": body["model"], "usage": {
+                "prompt_tokens": 2, "total_tokens": 2}, "data": [
+                {"object": "embedding", "index": 0, "embedding": [0.5, -0.25, 1.0]}]})
+        if body.get("stream"):
+            return MockResponse(200, sse_body(*chat_chunks(["Hel", "lo", "!"], model=body["model"])),
+                                content_type="text/event-stream")
+        return MockResponse(200, chat_completion("Hello!", model=body["model"]))
+    return handler
+
+
+def client(url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20, **kw)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes or `timeout`; returns everything received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
+
+
+def post_head(path: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+# -- answers through the official client ------------------------------------------------------
+
+
+def test_openai_client_non_stream_through_prefix_and_default_provider(harness):
+    seen: list = []
+    up = harness.upstream(chat_handler(seen))
+    url = harness.start([provider("mock", up.url + "/v1", extra_headers={"X-Extra": "yes"})])
+    c = client(url)
+    r = c.chat.completions.create(model="mock:gpt-test", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Hello!"
+    assert r.usage.total_tokens == 7
+    r2 = c.chat.completions.create(model="llama3:8b", messages=[{"role": "user", "content": "hi"}])
+    assert r2.model == "llama3:8b"  # colon-safe: no provider named llama3, so the whole string is the model
+    assert [s[2]["model"] for s in seen] == ["gpt-test", "llama3:8b"]
+    path, headers, _ = seen[0]
+    assert path == "/v1/chat/completions"
+    assert headers["x-extra"] == "yes"
+    assert "authorization" not in headers  # the client's key is never forwarded; this provider has none
+    assert headers["accept-encoding"] == "identity"
+
+
+def test_openai_client_stream_accumulates_every_chunk(harness):
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("mock", up.url + "/v1")])
+    c = client(url)
+    pieces = []
+    with c.chat.completions.stream(model="mock:gpt", messages=[{"role": "user", "content": "hi"}]) as s:
+        for event in s:
+            if event.type == "content.delta" and event.delta:
+                pieces.append(event.delta)
+        final = s.get_final_completion()
+    assert pieces == ["Hel", "lo", "!"]
+    assert final.choices[0].message.content == "Hello!"
+
+
+def test_embeddings_float_and_base64(harness):
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("mock", up.url + "/v1")])
+    c = client(url)
+    r = c.embeddings.create(model="mock:emb", input="hello", encoding_format="float")
+    assert r.data[0].embedding == [0.5, -0.25, 1.0]
+    r = c.embeddings.create(model="mock:emb", input="hello")
+    assert r.data[0].embedding == [0.5, -0.25, 1.0]
+
+
+def test_models_lists_provider_model_ids(harness):
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("mock", up.url + "/v1", models=["a", "b:7b"]),
+                         provider("off", up.url, enabled=False, models=["x"])])
+    ids = [m.id for m in client(url).models.list()]
+    assert ids == ["mock:a", "mock:b:7b"]
+
+
+def test_bare_model_goes_to_provider_listing_it(harness):
+    seen_a: list = []
+    seen_b: list = []
+    a = harness.upstream(chat_handler(seen_a))
+    b = harness.upstream(chat_handler(seen_b))
+    url = harness.start([provider("a", a.url), provider("b", b.url, models=["special"])])
+    client(url).chat.completions.create(model="special", messages=[{"role": "user", "content": "x"}])
+    client(url).chat.completions.create(model="nosuch:x", messages=[{"role": "user", "content": "x"}])
+    assert [s[2]["model"] for s in seen_b] == ["special"]
+    assert [s[2]["model"] for s in seen_a] == ["nosuch:x"]
+
+
+def test_disabled_provider_prefix_is_503_naming_it(harness):
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("on", up.url), provider("off", up.url, enabled=False)])
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).chat.completions.create(model="off:m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 503
+    assert "'off' is disabled" in e.value.message
+
+
+def test_key_rotation_round_robin_and_cooldown(harness):
+    seen: list = []
+
+    async def handler(req):
+        key = req.headers.get("authorization")
+        seen.append(key)
+        if key == "Bearer k1":
+            return MockResponse(429, {"error": {"message": "slow down"}}, headers=[("retry-after", "3")])
+        return MockResponse(200, chat_completion())
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url, api_key_envs=["K1", "K_EMPTY", "K2"])],
+                        environ={"K1": "k1", "K2": "k2", "K_EMPTY": ""})
+    c = client(url)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    for _ in range(3):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert seen == ["Bearer k1", "Bearer k2", "Bearer k2", "Bearer k2"]  # k1 cooling down after its 429
+
+
+# -- streaming behaviour ----------------------------------------------------------------------
+
+
+def test_stream_is_relayed_unbuffered(harness):
+    gate = harness.gate()
+    chunks = chat_chunks(["first", "second"])
+
+    async def handler(req):
+        async def body():
+            for c in chunks[:2]:
+                yield b"data: " + json.dumps(c).encode() + b"\n\n"
+            await gate.wait()  # held until the test has seen "first" arrive at the client
+            for c in chunks[2:]:
+                yield b"data: " + json.dumps(c).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url)])
+    stream = client(url).chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "x"}])
+    got = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got.append(chunk.choices[0].delta.content)
+            if got == ["first"]:
+                gate.set()
+    assert got == ["first", "second"]
+
+
+def test_client_disconnect_mid_stream_closes_upstream(harness):
+    gate = harness.gate()
+    closed = threading.Event()
+
+    async def handler(req):
+        async def body():
+            try:
+                yield b"data: " + json.dumps(chat_chunks(["a"])[1]).encode() + b"\n\n"
+                await gate.wait(60)  # never released: only the disconnect can end this
+            finally:
+                closed.set()
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    harness.start([provider("mock", up.url)])
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    s = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
+    s.sendall(post_head("/v1/chat/completions", body))
+    assert b"data:" in s.recv(65536)
+    t0 = time.monotonic()
+    s.close()
+    assert closed.wait(5), "the upstream stream was not cancelled after the client left"
+    assert time.monotonic() - t0 < 5
+
+
+def test_mid_stream_upstream_failure_ends_with_error_event(harness):
+    async def handler(req):
+        async def body():
+            yield b"data: " + json.dumps(chat_chunks(["partial"])[1]).encode() + b"\n\n"
+            raise ConnectionResetError("upstream died")
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url)])
+    stream = client(url).chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "x"}])
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            got.append(chunk.choices[0].delta.content)
+    assert got == ["partial"]
+    assert "mock" in str(e.value.message)
+
+
+def test_quiet_stream_gets_keepalive_comment(harness, monkeypatch):
+    import evo_gateway
+    monkeypatch.setattr(evo_gateway, "SSE_KEEPALIVE_S", 0.3)
+    gate = harness.gate()
+
+    async def handler(req):
+        async def body():
+            yield b"data: " + json.dumps(chat_chunks(["a"])[1]).encode() + b"\n\n"
+            await gate.wait()
+            yield b"data: [DONE]\n\n"
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    harness.start([provider("mock", up.url)])
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as s:
+        s.sendall(post_head("/v1/chat/completions", body))
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b": keep-alive" not in seen and time.monotonic() < deadline:
+            seen += s.recv(65536)
+        gate.set()
+    head = seen.split(b"\r\n\r\n", 1)[0].lower()
+    assert b": keep-alive\n\n" in seen
+    assert b"cache-control: no-cache" in head and b"x-accel-buffering: no" in head
+    assert b"content-length" not in head
+
+
+# -- upstream errors --------------------------------------------------------------------------
+
+
+def test_upstream_429_and_400_pass_through_with_body_and_retry_after(harness):
+    async def handler(req):
+        if req.json()["model"] == "busy":
+            return MockResponse(429, {"error": {"message": "rate limited", "type": "rate_limit_error"}},
+                                headers=[("retry-after", "7")])
+        return MockResponse(400, {"error": {"message": "bad thing", "type": "invalid_request_error",
+                                            "param": "messages", "code": None}})
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url)])
+    with pytest.raises(openai.RateLimitError) as e:
+        client(url).chat.completions.create(model="busy", messages=[{"role": "user", "content": "x"}])
+    assert e.value.response.headers["retry-after"] == "7"
+    assert e.value.body["message"] == "rate limited"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["param"] == "messages"
+
+
+def test_upstream_refused_is_502_naming_provider_and_host(harness):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    url = harness.start([provider("gone", f"http://127.0.0.1:{port}")])
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502
+    assert "gone" in e.value.message and f"127.0.0.1:{port}" in e.value.message
+
+
+def test_upstream_hang_is_504_after_first_byte_timeout(harness):
+    gate = harness.gate()
+
+    async def handler(req):
+        await gate.wait(60)
+        return MockResponse(200, chat_completion())
+    up = harness.upstream(handler)
+    url = harness.start([provider("slow", up.url, first_byte_timeout_s=0.5)])
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 504
+    assert "timed out" in e.value.message
+    assert time.monotonic() - t0 < 10
+    gate.set()
+
+
+# -- the upstream pool ------------------------------------------------------------------------
+
+
+def test_pool_reuses_one_connection_and_replaces_a_closed_one(harness):
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("mock", up.url)])
+    c = client(url)
+    for _ in range(2):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert {r.conn_id for r in up.requests} == {1}
+    harness.lt.call(_close_idle(up))
+    time.sleep(0.2)
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "Hello!"
+    assert up.requests[-1].conn_id == 2
+
+
+async def _close_idle(up):
+    up.close_idle_connections()
+    await asyncio.sleep(0.05)
+
+
+def test_pool_retries_once_when_reused_connection_is_stale(harness):
+    """The upstream closes the idle connection without the gateway noticing before reuse."""
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("mock", up.url)])
+    c = client(url)
+    c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    conns = harness.gateway.pool._idle  # noqa: SLF001 — the test makes the pooled socket stale on purpose
+    (idle,) = [conn for lst in conns.values() for conn in lst]
+    harness.lt.call(_close_idle(up))
+    idle.reader._buffer.clear()  # noqa: SLF001
+    idle.reader._eof = False  # noqa: SLF001 — as if the FIN had not arrived yet when the pool looked
+    r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "Hello!"
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_upstream_with_self_signed_ca_file(harness, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    up = harness.upstream(chat_handler(), ssl_context=ctx)
+    url = harness.start([provider("tls", f"https://localhost:{up.port}/v1", ca_file=str(cert)),
+                         provider("untrusted", f"https://localhost:{up.port}/v1")])
+    r = client(url).chat.completions.create(model="tls:m", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "Hello!"
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).chat.completions.create(model="untrusted:m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502 and "TLS" in e.value.message
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _status_and_json(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        size, _, rest = body.partition(b"\r\n")
+        body = rest[:int(size, 16)]
+    return status, json.loads(body)
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_bad_input_gets_4xx_in_openai_envelope_and_server_keeps_serving(harness):
+    up = harness.upstream(chat_handler())
+    harness.start([provider("mock", up.url)], server={"max_body_bytes": 1000, "max_head_bytes": 2048})
+    port = harness.port
+    cases = [
+        (post_head("/v1/chat/completions", b"{not json"), 400),
+        (post_head("/v1/chat/completions", b"[1, 2]"), 400),
+        (post_head("/v1/chat/completions", b'{"messages": []}'), 400),
+        (post_head("/v1/chat/completions", b'{"model": "m"}'), 400),
+        (post_head("/v1/chat/completions", b'{"model": "m", "messages": []}', "Content-Type: text/plain\r\n"), 415),
+        (post_head("/v1/chat/completions", b"x" * 2000), 413),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n" + b"400\r\n" + b"x" * 1024
+         + b"\r\n0\r\n\r\n", 413),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n", 431),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"GARBAGE\r\n\r\n", 400),
+    ]
+    raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # warm up lazy state
+    before = _fd_count()
+    for data, status in cases:
+        got_status, body = _status_and_json(raw_request(port, data))
+        assert got_status == status, (data[:60], got_status, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["message"]
+    time.sleep(0.3)
+    assert _fd_count() <= before
+    r = client(harness.url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "Hello!"
+
+
+def test_slow_head_is_dropped_while_others_are_served(harness):
+    up = harness.upstream(chat_handler())
+    harness.start([provider("mock", up.url)], server={"head_timeout_s": 1})
+    slow = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
+    slow.sendall(b"GET /health HTTP/1.1\r\nHo")
+    t0 = time.monotonic()
+    r = client(harness.url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "Hello!"
+    slow.settimeout(10)
+    leftover = slow.recv(100)  # the server closes the dribbling connection
+    assert leftover == b""
+    assert time.monotonic() - t0 < 5
+    slow.close()
+
+
+def test_pipelined_requests_answered_in_order_and_http10(harness):
+    up = harness.upstream(chat_handler())
+    harness.start([provider("mock", up.url)])
+    req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    raw = raw_request(harness.port, req + req + last)
+    assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.rindex(b"404 Not Found") > raw.rindex(b"200 OK")
+    raw10 = raw_request(harness.port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert raw10.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in raw10
+
+
+def test_expect_100_continue(harness):
+    up = harness.upstream(chat_handler())
+    harness.start([provider("mock", up.url)])
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode()
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as s:
+        s.sendall(post_head("/v1/chat/completions", b"", "Expect: 100-continue\r\n").replace(
+            b"Content-Length: 0", f"Content-Length: {len(body)}".encode()))
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(body)
+        data = b""
+        while b"Hello!" not in data:
+            data += s.recv(65536)
+    assert b"HTTP/1.1 200 OK" in data
+
+
+def test_unknown_path_404_and_wrong_method_405_with_allow(harness):
+    harness.start([])
+    raw = raw_request(harness.port, b"DELETE /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 405") and b"\r\nallow: POST\r\n" in raw.lower()
+    raw = raw_request(harness.port, b"GET /api/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, body = _status_and_json(raw)
+    assert status == 404 and isinstance(body["error"], str)  # the Ollama envelope under /api/
+    raw = raw_request(harness.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n"
+                      b"Content-Type: application/json\r\nConnection: close\r\n\r\n"
+                      b'{"model":"m","messages":[]}   ')
+    status, body = _status_and_json(raw)
+    assert status == 503 and "no provider is enabled" in body["error"]["message"]
