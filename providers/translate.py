@@ -235,24 +235,32 @@ def _chat_repair_tool_pairs(messages: list[dict]) -> list[dict]:
 
     Claude Code histories can hold an interrupted tool_use with no result or a stray result;
     OpenAI-compatible servers 400 on both, so missing answers get a placeholder and orphaned
-    tool messages become user text.
+    tool messages become user text placed after the answers.
     """
     out: list[dict] = []
     pending: list[str] = []  # tool_call ids of the last assistant turn still unanswered
+    orphans: list[dict] = []
+
+    def flush() -> None:
+        out.extend({"role": "tool", "tool_call_id": call_id, "content": "(no result)"} for call_id in pending)
+        out.extend({"role": "user", "content": f"Tool result ({m.get('tool_call_id')}): {m['content']}"}
+                   for m in orphans)
+        pending.clear()
+        orphans.clear()
+
     for msg in messages:
         if msg["role"] == "tool":
             if msg.get("tool_call_id") in pending:
                 pending.remove(msg["tool_call_id"])
                 out.append(msg)
             else:
-                out.append({"role": "user", "content": f"Tool result ({msg.get('tool_call_id')}): {msg['content']}"})
+                orphans.append(msg)
             continue
-        for call_id in pending:
-            out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result)"})
-        pending = [c["id"] for c in msg.get("tool_calls") or []] if msg["role"] == "assistant" else []
+        flush()
+        if msg["role"] == "assistant":
+            pending.extend(c["id"] for c in msg.get("tool_calls") or [])
         out.append(msg)
-    for call_id in pending:
-        out.append({"role": "tool", "tool_call_id": call_id, "content": "(no result)"})
+    flush()
     return out
 
 
@@ -274,7 +282,13 @@ def anthropic_to_chat_request(body: dict) -> dict:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise InvalidRequest("max_tokens: field required (an integer)", param="max_tokens")
 
-    system_texts = [_ant_text_of(body.get("system"))]
+    system = body.get("system")
+    if isinstance(system, list):
+        # Claude Code's first block is billing metadata for Anthropic, not instructions; it would
+        # only sit at the head of every upstream prompt (and defeat prefix caching when it varies).
+        system = [b for b in system if not (isinstance(b, dict) and str(b.get("text", "")).startswith(
+            "x-anthropic-billing-header:"))]
+    system_texts = [_ant_text_of(system)]
     chat: list[dict] = []
     seen_results: set[str] = set()
     for i, msg in enumerate(messages):
@@ -523,6 +537,8 @@ class ChatToAnthropicStream:
     def _start(self, chunk: dict | None) -> list[bytes]:
         if self._started:
             return []
+        if chunk is not None and not chunk.get("id") and not chunk.get("choices"):
+            return []  # Azure's anonymous filter-results chunk: wait for one that names the message
         self._started = True
         usage = {"input_tokens": self._input_tokens, "output_tokens": 0,
                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
