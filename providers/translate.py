@@ -61,7 +61,7 @@ import time
 import uuid
 
 _ANT_TOOL_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
-_ANT_TOOL_NAME_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ANT_TOOL_NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ANT_DATA_URL = re.compile(r"^data:([^;,]+)?(?:;[^,]*)?;base64,(.*)$", re.DOTALL)
 
 # Anthropic stop_reason → OpenAI finish_reason (WIRE §5.5).
@@ -128,11 +128,10 @@ def _chat_tool_name(name: str) -> str:
     Long MCP names (`mcp__server__tool…`) are cut to a 55-char prefix plus an 8-hex digest of
     the full name, so the result is stable across requests; see `anthropic_tool_name_map`.
     """
-    if _ANT_TOOL_NAME_OK.match(name):
+    if _ANT_TOOL_NAME_OK.fullmatch(name):
         return name
+    # The digest keeps two long names with a common prefix apart (and makes it reversible via the map).
     clean = _ANT_TOOL_ID_BAD.sub("_", name) or "tool"
-    if len(clean) <= 64 and clean == name:
-        return clean
     return clean[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
@@ -367,9 +366,9 @@ def anthropic_to_chat_request(body: dict) -> dict:
     for key in ("temperature", "top_p"):
         if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
             out_body[key] = body[key]
-    stops = body.get("stop_sequences")
-    if isinstance(stops, list) and stops:
-        out_body["stop"] = [s for s in stops if isinstance(s, str)]
+    stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str) and s]
+    if stops:
+        out_body["stop"] = stops
 
     tools = []
     for tool in body.get("tools") or []:
@@ -405,8 +404,8 @@ def anthropic_to_chat_request(body: dict) -> dict:
 
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    # Claude Code's user_id is a long composite string; OpenAI caps end-user ids, so only a
-    # short one is worth forwarding (it is an optional abuse-tracking hint anyway).
+    # Claude Code's user_id is a long composite string that length-checking servers may refuse
+    # as `user`; only a short id is forwarded (it is an optional abuse-tracking hint anyway).
     if isinstance(user_id, str) and 0 < len(user_id) <= 64:
         out_body["user"] = user_id
     if body.get("stream"):
@@ -415,15 +414,20 @@ def anthropic_to_chat_request(body: dict) -> dict:
     return out_body
 
 
+def _ant_int(value: Any) -> int:
+    """A token count from upstream JSON; junk (null, strings, floats) counts as 0 rather than crashing."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _ant_usage_from_chat(usage: Any) -> dict[str, int]:
     """Anthropic usage from chat usage: Anthropic's input_tokens excludes cache reads and writes."""
     usage = usage if isinstance(usage, dict) else {}
     details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    cached = int(details.get("cached_tokens") or 0)
+    prompt = _ant_int(usage.get("prompt_tokens"))
+    cached = _ant_int(details.get("cached_tokens"))
     # Not standard OpenAI, but some OpenAI-compatible servers report cache writes here.
-    written = int(details.get("cache_creation_tokens") or details.get("cache_write_tokens") or 0)
-    return {"input_tokens": max(prompt - cached - written, 0), "output_tokens": int(usage.get("completion_tokens") or 0),
+    written = _ant_int(details.get("cache_creation_tokens")) or _ant_int(details.get("cache_write_tokens"))
+    return {"input_tokens": max(prompt - cached - written, 0), "output_tokens": _ant_int(usage.get("completion_tokens")),
             "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
 
 
@@ -443,8 +447,11 @@ def _ant_message_id(chat_id: Any) -> str:
 
 
 def _ant_reasoning_of(obj: dict) -> str:
-    """Reasoning text from a chat message/delta: `reasoning_content` (DeepSeek, older vLLM) or
-    `reasoning` (newer vLLM, OpenRouter). Never both: servers in transition send the same text twice."""
+    """Reasoning text from a chat message or delta, or "" when there is none.
+
+    DeepSeek and older vLLM call it `reasoning_content`, newer vLLM and OpenRouter `reasoning`;
+    only one is read because servers in transition send the same text under both names.
+    """
     for key in ("reasoning_content", "reasoning"):
         value = obj.get(key)
         if isinstance(value, str) and value:
@@ -882,10 +889,10 @@ def chat_to_anthropic_request(body: dict) -> dict:
 def _chat_usage_from_ant(usage: Any) -> dict:
     """Chat usage from Anthropic usage: chat's prompt_tokens includes cache reads and writes."""
     usage = usage if isinstance(usage, dict) else {}
-    read = int(usage.get("cache_read_input_tokens") or 0)
-    written = int(usage.get("cache_creation_input_tokens") or 0)
-    prompt = int(usage.get("input_tokens") or 0) + read + written
-    completion = int(usage.get("output_tokens") or 0)
+    read = _ant_int(usage.get("cache_read_input_tokens"))
+    written = _ant_int(usage.get("cache_creation_input_tokens"))
+    prompt = _ant_int(usage.get("input_tokens")) + read + written
+    completion = _ant_int(usage.get("output_tokens"))
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": read}}
 
@@ -992,6 +999,9 @@ class AnthropicToChatStream:
             if isinstance(message.get("usage"), dict):
                 self._usage.update({k: v for k, v in message["usage"].items() if isinstance(v, int)})
             return self._first()
+        if name not in ("content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+                        "message_stop"):
+            return []  # ping, and event types newer than this code (clients must ignore them)
         out = self._first()
         if name == "content_block_start":
             block = data.get("content_block") if isinstance(data.get("content_block"), dict) else {}

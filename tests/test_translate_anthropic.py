@@ -643,6 +643,26 @@ def test_anthropic_error_event_raises():
 
 def test_anthropic_stream_event_name_from_data_type_and_unknown_events():
     stream = AnthropicToChatStream(MODEL, created=CREATED)
+    assert stream.feed("ping", {"type": "ping"}) == []  # a ping before message_start must not start the stream
     chunks = stream.feed("", {"type": "message_start", "message": {"id": "msg_n", "usage": {"input_tokens": 3}}})
     assert chunks[0]["id"] == "chatcmpl-n"
     assert stream.feed("some_future_event", {"type": "some_future_event"}) == []
+
+
+def test_junk_usage_and_arguments_never_crash():
+    resp = {"id": "x", "choices": [{"message": {"content": "hi", "tool_calls": [
+        {"id": None, "function": {"name": "t", "arguments": "not json"}}]}, "finish_reason": None}],
+        "usage": {"prompt_tokens": "12", "completion_tokens": None, "prompt_tokens_details": None}}
+    out = chat_to_anthropic_response(resp, MODEL)
+    assert out["usage"] == {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                            "cache_read_input_tokens": 0}
+    assert out["content"][1]["input"] == {"_raw": "not json"} and out["content"][1]["id"].startswith("toolu_")
+    assert out["stop_reason"] == "tool_use"
+    assert anthropic_to_chat_response({"content": None, "usage": {"input_tokens": 1.5}}, created=1)["usage"][
+        "prompt_tokens"] == 0
+
+
+def test_empty_stop_sequences_are_not_forwarded():
+    out = anthropic_to_chat_request({"model": "m", "max_tokens": 1, "stop_sequences": ["", None],
+                                     "messages": [{"role": "user", "content": "x"}]})
+    assert "stop" not in out
