@@ -1,7 +1,7 @@
 """Throughput and latency of evo-gateway against a minimal aiohttp proxy, on one core each.
 
     python3 bench/bench.py [--seconds N] [--concurrency C] [--requests-max M] [--warmup S]
-                           [--gateway-cmd "python3 dist/evo_gateway.pyz"] [--profile]
+                           [--gateway-cmd "python3 dist/evo_gateway.pyz" | --gateway-dir DIR] [--profile]
 
 What is measured. Two scenarios, `POST /v1/chat/completions` non-stream (a chat.completion
 JSON) and stream (an SSE answer of 10 chunks + [DONE]), each against three targets:
@@ -228,7 +228,7 @@ async def drive(port: int, stream: bool, concurrency: int, warmup_s: float, seco
         dones.append(done)
         conns.append(proto)
     # A hung target must not hang the benchmark: give up a few seconds after the end.
-    _, pending = await asyncio.wait(dones, timeout=warmup_s + seconds + 10)
+    await asyncio.wait(dones, timeout=warmup_s + seconds + 10)
     for proto in conns:
         if not proto.finished:
             run.fail("no answer by the end of the run (aborted)")
@@ -316,13 +316,14 @@ class Children:
 
     def start(self, name: str, argv: list, core: int, env: dict | None = None, read_ready: bool = False):
         """Start `argv` pinned to `core`; with read_ready, wait for its ``READY <port> <loop>`` line."""
-        err = open(os.path.join(self.tmp, f"{name}.stderr"), "wb")
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE if read_ready else err, stderr=err,
-                                # pinned before exec, so it never runs on another core
-                                preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}),
-                                start_new_session=True)  # a ^C here reaches us, not it: we stop it
-        err.close()
+        with open(os.path.join(self.tmp, f"{name}.stderr"), "wb") as err:
+            proc = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if read_ready else err, stderr=err,
+                # Pinned between fork and exec, so it never runs on another core. preexec_fn
+                # is unsafe only with threads, and this process starts none.
+                preexec_fn=functools.partial(os.sched_setaffinity, 0, {core}),  # noqa: PLW1509
+                start_new_session=True)  # a ^C here reaches us, not it: we stop it by pid
         proc.bench_name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         if not read_ready:
@@ -374,7 +375,7 @@ def gateway_argv(args: argparse.Namespace, config_file: str, port: int, profile_
         if "{port}" in cmd:  # a full command line with placeholders
             return shlex.split(cmd.format(config=config_file, port=port, host="127.0.0.1"))
         return shlex.split(cmd) + serve
-    cli = os.path.join(REPO, "evo_gateway_cli.py")
+    cli = os.path.join(os.path.abspath(args.gateway_dir), "evo_gateway_cli.py")
     if args.profile:
         return [sys.executable, "-m", "cProfile", "-o", profile_file, cli] + serve
     return [sys.executable, cli] + serve
@@ -451,6 +452,9 @@ def main(argv: list | None = None) -> int:
                         help="run the gateway with CMD instead of evo_gateway_cli.py, e.g. "
                              "'python3 dist/evo_gateway.pyz'; 'serve --config F --host H --port P' is appended "
                              "unless CMD has {config}/{host}/{port} placeholders")
+    parser.add_argument("--gateway-dir", metavar="DIR", default=REPO,
+                        help="run evo_gateway_cli.py from this checkout (default: the one holding bench/), e.g. "
+                             "a `git archive` snapshot while the working tree is being edited")
     parser.add_argument("--profile", action="store_true",
                         help="run the gateway under cProfile and print its top functions (slows it down)")
     args = parser.parse_args(argv)
