@@ -563,8 +563,16 @@ class _Run:
         return self.deadline - asyncio.get_running_loop().time()
 
     def _timeout_error(self) -> GatewayError:
-        return GatewayError(504, f"{self.provider.tool} did not finish within {self.provider.timeout_s:g} s "
-                                 f"(provider '{self.provider.name}', {self.provider.timeout_env})")
+        message = (f"{self.provider.tool} did not finish within {self.provider.timeout_s:g} s "
+                   f"(provider '{self.provider.name}', {self.provider.timeout_env})")
+        self.log_failure(message, None)
+        return GatewayError(504, message)
+
+    def log_failure(self, message: str, status: int | None) -> None:
+        """The one place a failed run's stderr tail goes: the log, never a response."""
+        log.warning("%s%s (exit status %s); stderr tail: %s",
+                    f"[{self.ctx.request_id}] " if self.ctx is not None else "", message, status,
+                    self.stderr_text() or "(empty)")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The JSON objects the tool prints on stdout, until EOF; non-JSON lines are skipped."""
@@ -814,9 +822,9 @@ class CliProvider(Provider):
             message = f"{self.tool} ended without a final result"
         else:
             return None
-        log.warning("provider '%s': %s (exit status %s); stderr tail: %s", self.name, message, status,
-                    run.stderr_text() or "(empty)")
-        return GatewayError(502, f"provider '{self.name}': {message}")
+        message = f"provider '{self.name}': {message}"
+        run.log_failure(message, status)
+        return GatewayError(502, message)
 
     def _note_usage(self, parser: EventParser, ctx: RequestContext | None) -> dict[str, Any] | None:
         if ctx is not None:

@@ -520,6 +520,19 @@ async def test_missing_binary_is_503_naming_the_env_variable(tmp_path):
     assert info.value.status == 503 and "CODEX_CLI_BINARY" in info.value.message
 
 
+@run_async
+async def test_binary_that_cannot_start_is_503_and_frees_its_slot(tmp_path):
+    broken = tmp_path / "claude"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    provider = ClaudeCodeProvider(SimpleNamespace(name="cc", provider_type="claude_code", models=[]),
+                                  {"PATH": os.environ["PATH"], "CLAUDE_CODE_BINARY": str(broken)})
+    with pytest.raises(GatewayError) as info:
+        await provider.chat(body(), ctx())
+    assert info.value.status == 503 and "CLAUDE_CODE_BINARY" in info.value.message
+    assert provider.running == 0 and provider._gate.active == 0
+
+
 def test_binary_path_finds_the_tool_on_path_without_running_it(tmp_path):
     (tmp_path / "claude").write_text("#!/bin/sh\ntouch ran\n")
     (tmp_path / "claude").chmod(0o755)
