@@ -144,7 +144,8 @@ class LoadConnection(asyncio.Protocol):
         run = self.run
         if self.status != 200:
             run.fail(f"HTTP {self.status}: {bytes(self.buf[:300])!r}")
-        elif self.started >= run.warm_end:
+        elif self.started >= run.warm_end and len(run.latencies) < run.max_requests:
+            # (answers still in flight when the cap is reached are not counted)
             run.latencies.append(now - self.started)
             run.last_done = now
         if run.keep_body:
@@ -448,6 +449,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--concurrency", type=positive(int), default=32, help="keep-alive connections (32)")
     parser.add_argument("--requests-max", type=positive(int), default=200000,
                         help="stop recording a scenario after this many answers (200000)")
+    parser.add_argument("--scenarios", default="json,sse", help="comma-separated subset of json,sse (both)")
     parser.add_argument("--gateway-cmd", metavar="CMD",
                         help="run the gateway with CMD instead of evo_gateway_cli.py, e.g. "
                              "'python3 dist/evo_gateway.pyz'; 'serve --config F --host H --port P' is appended "
@@ -460,6 +462,9 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profile and args.gateway_cmd:
         parser.error("--profile works with the default gateway command only")
+    scenarios = [s for s in ("json", "sse") if s in args.scenarios.split(",")]
+    if not scenarios:
+        parser.error("--scenarios: give json, sse or json,sse")
 
     # Cores: the proxies on the first, this load generator on the second, the mock on a
     # third if there is one (else beside the load generator, never beside the proxy).
@@ -505,7 +510,8 @@ def main(argv: list | None = None) -> int:
               f"or {args.requests_max} answers per scenario\n")
 
         targets = (("direct", mock_port, None), ("evo", gw_port, gateway.pid), ("aiohttp", ah_port, ah.pid))
-        for scenario, stream in (("json", False), ("sse", True)):
+        for scenario in scenarios:
+            stream = scenario == "sse"
             for target, port, pid in targets:
                 body = loop.run_until_complete(probe(port, stream))
                 expected = b"data: [DONE]" if stream else b'"chat.completion"'
@@ -525,7 +531,7 @@ def main(argv: list | None = None) -> int:
         print_table(results)
         rps = {(r["scenario"], r["target"]): r["rps"] for r in results}
         print("\nevo-gateway / aiohttp req/s: " + ", ".join(
-            f"{s} {rps[(s, 'evo')] / rps[(s, 'aiohttp')]:.2f}x" for s in ("json", "sse") if rps[(s, "aiohttp")]))
+            f"{s} {rps[(s, 'evo')] / rps[(s, 'aiohttp')]:.2f}x" for s in scenarios if rps[(s, "aiohttp")]))
         gw_rss, ah_rss = peak_rss_kib(gateway.pid), peak_rss_kib(ah.pid)
         print(f"peak RSS (VmHWM): evo-gateway {gw_rss / 1024 if gw_rss else float('nan'):.1f} MiB, "
               f"aiohttp proxy {ah_rss / 1024 if ah_rss else float('nan'):.1f} MiB")

@@ -14,6 +14,7 @@ _REGISTRY = {
     "codex_cli": ("providers.cli", "CodexCliProvider"),
     "cursor": ("providers.cli", "CursorProvider"),
 }
+_SUBPROCESS_TYPES = frozenset({"claude_code", "codex_cli", "cursor"})
 
 
 def provider_class(provider_type: str) -> type:
@@ -24,6 +25,6 @@ def provider_class(provider_type: str) -> type:
 def create(config: Any, pool: Any, environ: Any = None) -> Any:
     """Instantiate the provider for one `ProviderConfig`."""
     cls = provider_class(config.provider_type)
-    if getattr(cls, "uses_http", True):
-        return cls(config, pool, environ)
-    return cls(config, environ)
+    if config.provider_type in _SUBPROCESS_TYPES:
+        return cls(config, environ)
+    return cls(config, pool, environ)

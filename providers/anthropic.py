@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
-from evo_gateway import ChatResult, GatewayError, HttpProvider, RequestContext, parse_upstream_json, \
-    sse_json_events, upstream_error
+from evo_gateway import (
+    ChatResult,
+    GatewayError,
+    HttpProvider,
+    RequestContext,
+    parse_upstream_json,
+    sse_json_events,
+    upstream_error,
+)
 from providers import translate as tr
 
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from evo_gateway import GatewayError, HttpProvider, RequestContext, ChatResult, parse_upstream_json, \
-    sse_json_events, upstream_error
+from evo_gateway import (
+    ChatResult,
+    GatewayError,
+    HttpProvider,
+    RequestContext,
+    parse_upstream_json,
+    sse_json_events,
+    upstream_error,
+)
 
 
 class OpenAICompatProvider(HttpProvider):

@@ -429,7 +429,8 @@ def _ant_usage_from_chat(usage: Any) -> dict[str, int]:
     cached = _ant_int(details.get("cached_tokens"))
     # Not standard OpenAI, but some OpenAI-compatible servers report cache writes here.
     written = _ant_int(details.get("cache_creation_tokens")) or _ant_int(details.get("cache_write_tokens"))
-    return {"input_tokens": max(prompt - cached - written, 0), "output_tokens": _ant_int(usage.get("completion_tokens")),
+    return {"input_tokens": max(prompt - cached - written, 0),
+            "output_tokens": _ant_int(usage.get("completion_tokens")),
             "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
 
 
@@ -583,7 +584,10 @@ class ChatToAnthropicStream:
         """Append thinking or text, opening a block of that kind if another kind is open."""
         frames: list[bytes] = []
         if self._open is None or self._open[0] != kind:
-            block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""}
+            if kind == "thinking":
+                block = {"type": "thinking", "thinking": "", "signature": ""}
+            else:
+                block = {"type": "text", "text": ""}
             frames += self._open_block(kind, block)
         self._emitted_chars += len(text)
         key = "thinking" if kind == "thinking" else "text"
@@ -787,7 +791,8 @@ def chat_to_anthropic_request(body: dict) -> dict:
             calls = [c for c in msg.get("tool_calls") or [] if isinstance(c, dict)]
             for call in calls:
                 fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-                blocks.append({"type": "tool_use", "id": _ant_tool_id(call.get("id")), "name": str(fn.get("name") or ""),
+                blocks.append({"type": "tool_use", "id": _ant_tool_id(call.get("id")),
+                               "name": str(fn.get("name") or ""),
                                "input": _ant_parse_arguments(fn.get("arguments"))})
         elif role in ("tool", "function"):
             role = "user"
@@ -1013,7 +1018,8 @@ class AnthropicToChatStream:
                 self._tool_index[index] = k
                 if block.get("input"):
                     self._tool_input[index] = block["input"]
-                out.append(self._chunk({"tool_calls": [{"index": k, "id": str(block.get("id") or ""), "type": "function",
+                out.append(self._chunk({"tool_calls": [{"index": k, "id": str(block.get("id") or ""),
+                                                        "type": "function",
                                                         "function": {"name": str(block.get("name") or ""),
                                                                      "arguments": ""}}]}))
             elif block.get("type") == "text" and block.get("text"):
@@ -1718,17 +1724,12 @@ def ollama_tags_entry(name: str) -> dict:
 # whole conversation (Codex sends `store: false` and full history), so `previous_response_id`
 # and `store: true` are refused rather than silently answered without context.
 
-import hashlib as _hashlib
-import re as _re
-import time as _time
-import uuid as _uuid
-
-_CHAT_TOOL_NAME = _re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_CHAT_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _NAMESPACE_SEP = "__"
 
 
 def _rid(prefix: str) -> str:
-    return prefix + _uuid.uuid4().hex[:24]
+    return prefix + uuid.uuid4().hex[:24]
 
 
 class ResponsesToolMap:
@@ -1788,12 +1789,12 @@ def _chat_name_for(name: str, namespace: str | None) -> str:
     raw = f"{namespace}{_NAMESPACE_SEP}{name}" if namespace else name
     if _CHAT_TOOL_NAME.match(raw):
         return raw
-    clean = _re.sub(r"[^a-zA-Z0-9_-]", "_", raw) or "tool"
+    clean = re.sub(r"[^a-zA-Z0-9_-]", "_", raw) or "tool"
     return clean if len(clean) <= 64 else _hashed_name(clean, name, namespace)
 
 
 def _hashed_name(base: str, name: str, namespace: str | None) -> str:
-    digest = _hashlib.sha1(f"{namespace or ''}\x00{name}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{namespace or ''}\x00{name}".encode()).hexdigest()[:8]
     return base[:55] + "_" + digest
 
 
@@ -2282,7 +2283,7 @@ def chat_to_responses_response(resp: dict, request: dict) -> dict:
                                       arguments, "completed"))
     created = resp.get("created")
     return _response_object(
-        request, _rid("resp_"), created if isinstance(created, int) else int(_time.time()), resp.get("model"),
+        request, _rid("resp_"), created if isinstance(created, int) else int(time.time()), resp.get("model"),
         "incomplete" if reason else "completed", output, usage=_responses_usage(resp.get("usage")),
         incomplete_details={"reason": reason} if reason else None)
 
@@ -2323,7 +2324,7 @@ class ChatToResponsesStream:
         self._request = request if isinstance(request, dict) else {}
         self._tmap = tool_map_for(self._request)
         self._id = _rid("resp_")
-        self._created = int(_time.time())
+        self._created = int(time.time())
         self._model: Any = self._request.get("model") or ""
         self._seq = 0
         self._started = False

@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import evo_gateway  # noqa: E402
 from mock_upstream import MockResponse, MockUpstream  # noqa: E402
+
+import evo_gateway  # noqa: E402
 
 TIMEOUT_S = 30
 

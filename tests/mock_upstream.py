@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Callable
 
 import h11
 
@@ -43,6 +44,9 @@ class MockResponse:
             self.headers.append(("content-type", content_type))
 
 
+# A handler returning DROP closes the connection without answering (a keep-alive race).
+DROP = MockResponse(0)
+
 Handler = Callable[[MockRequest], Awaitable[MockResponse]]
 
 
@@ -75,6 +79,27 @@ class MockUpstream:
     def close_idle_connections(self) -> None:
         for w in list(self._writers):
             w.close()
+
+    async def _stream_until_peer_leaves(self, reader, writer, conn, body) -> bool:
+        """Send a streamed body; a peer that closes meanwhile cancels the body generator."""
+        async def send() -> None:
+            async for chunk in body:
+                writer.write(conn.send(h11.Data(data=chunk)))
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        watcher = asyncio.ensure_future(reader.read(1))
+        done, _ = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if sender in done:
+            watcher.cancel()
+            sender.result()
+            return True
+        sender.cancel()  # the gateway went away mid-stream
+        try:
+            await sender
+        except (asyncio.CancelledError, Exception):
+            pass
+        return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_opened += 1
@@ -110,6 +135,8 @@ class MockUpstream:
                 req = MockRequest(event.method.decode(), event.target.decode(), headers, body, conn_id)
                 self.requests.append(req)
                 resp = await self.handler(req)
+                if resp is DROP:
+                    break
                 hdrs = [(k, v) for k, v in resp.headers]
                 if isinstance(resp.body, bytes):
                     hdrs.append(("content-length", str(len(resp.body))))
@@ -120,9 +147,8 @@ class MockUpstream:
                 else:
                     writer.write(conn.send(h11.Response(status_code=resp.status, headers=hdrs)))
                     await writer.drain()
-                    async for chunk in resp.body:
-                        writer.write(conn.send(h11.Data(data=chunk)))
-                        await writer.drain()
+                    if not await self._stream_until_peer_leaves(reader, writer, conn, resp.body):
+                        break
                     writer.write(conn.send(h11.EndOfMessage()))
                     await writer.drain()
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

@@ -15,7 +15,7 @@ import time
 import openai
 import pytest
 from conftest import provider
-from mock_upstream import MockResponse, chat_chunks, chat_completion, sse_body
+from mock_upstream import DROP, MockResponse, chat_chunks, chat_completion, sse_body
 
 
 def chat_handler(record: list | None = None):
@@ -38,8 +38,8 @@ def client(url: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=20, **kw)
 
 
-def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes, read until the server closes or `timeout`; returns everything received."""
+def raw_request(port: int, data: bytes, timeout: float = 10, until_close: bool = False) -> bytes:
+    """Send raw bytes; read until the server closes or one whole response with a Content-Length is in."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         out = b""
@@ -49,9 +49,25 @@ def raw_request(port: int, data: bytes, timeout: float = 10) -> bytes:
                 if not chunk:
                     break
                 out += chunk
+                head, sep, body = out.partition(b"\r\n\r\n")
+                length = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+                if not until_close and sep and length and b"connection: close" not in head.lower() \
+                        and len(body) >= int(length[0].split(b":")[1]):
+                    break
         except socket.timeout:
             pass
         return out
+
+
+def recv_until(s: socket.socket, marker: bytes, timeout: float = 10) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data and time.monotonic() < deadline:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def post_head(path: str, body: bytes, extra: str = "") -> bytes:
@@ -198,7 +214,7 @@ def test_client_disconnect_mid_stream_closes_upstream(harness):
     body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
     s = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
     s.sendall(post_head("/v1/chat/completions", body))
-    assert b"data:" in s.recv(65536)
+    assert b"data:" in recv_until(s, b"data:")
     t0 = time.monotonic()
     s.close()
     assert closed.wait(5), "the upstream stream was not cancelled after the client left"
@@ -322,18 +338,31 @@ async def _close_idle(up):
 
 
 def test_pool_retries_once_when_reused_connection_is_stale(harness):
-    """The upstream closes the idle connection without the gateway noticing before reuse."""
-    up = harness.upstream(chat_handler())
+    """The upstream drops a kept-alive connection as the next request arrives: retried on a fresh one."""
+    handler = chat_handler()
+
+    async def dropping(req):
+        if req.conn_id == 1 and len(up.requests) == 2:
+            return DROP
+        return await handler(req)
+    up = harness.upstream(dropping)
     url = harness.start([provider("mock", up.url)])
     c = client(url)
     c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
-    conns = harness.gateway.pool._idle  # noqa: SLF001 — the test makes the pooled socket stale on purpose
-    (idle,) = [conn for lst in conns.values() for conn in lst]
-    harness.lt.call(_close_idle(up))
-    idle.reader._buffer.clear()  # noqa: SLF001
-    idle.reader._eof = False  # noqa: SLF001 — as if the FIN had not arrived yet when the pool looked
     r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert r.choices[0].message.content == "Hello!"
+    assert [r.conn_id for r in up.requests] == [1, 1, 2]
+
+
+def test_pool_does_not_retry_a_fresh_connection(harness):
+    async def dropping(req):
+        return DROP
+    up = harness.upstream(dropping)
+    url = harness.start([provider("mock", up.url)])
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502
+    assert len(up.requests) == 1
 
 
 # -- TLS --------------------------------------------------------------------------------------
@@ -426,7 +455,7 @@ def test_pipelined_requests_answered_in_order_and_http10(harness):
     harness.start([provider("mock", up.url)])
     req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     last = b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    raw = raw_request(harness.port, req + req + last)
+    raw = raw_request(harness.port, req + req + last, until_close=True)
     assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.rindex(b"404 Not Found") > raw.rindex(b"200 OK")
     raw10 = raw_request(harness.port, b"GET /health HTTP/1.0\r\n\r\n")
     assert raw10.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in raw10
@@ -439,18 +468,16 @@ def test_expect_100_continue(harness):
     with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as s:
         s.sendall(post_head("/v1/chat/completions", b"", "Expect: 100-continue\r\n").replace(
             b"Content-Length: 0", f"Content-Length: {len(body)}".encode()))
-        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        assert recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 100 ")
         s.sendall(body)
-        data = b""
-        while b"Hello!" not in data:
-            data += s.recv(65536)
+        data = recv_until(s, b"Hello!")
     assert b"HTTP/1.1 200 OK" in data
 
 
 def test_unknown_path_404_and_wrong_method_405_with_allow(harness):
     harness.start([])
     raw = raw_request(harness.port, b"DELETE /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert raw.startswith(b"HTTP/1.1 405") and b"\r\nallow: POST\r\n" in raw.lower()
+    assert raw.startswith(b"HTTP/1.1 405") and b"\r\nallow: post\r\n" in raw.lower()
     raw = raw_request(harness.port, b"GET /api/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     status, body = _status_and_json(raw)
     assert status == 404 and isinstance(body["error"], str)  # the Ollama envelope under /api/
