@@ -519,8 +519,10 @@ class _Run:
         self.scratch: str | None = None
         self.stderr_tail = bytearray()
         self.deadline = 0.0
+        self.timed_out = False
         self.closed = False
         self._tasks: list[asyncio.Task] = []
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     async def start(self, argv: list[str], stdin_data: bytes | None, env: dict[str, str]) -> None:
         self.scratch = tempfile.mkdtemp(prefix=f"evo-gw-{self.provider.tool}-")
@@ -530,6 +532,10 @@ class _Run:
             stdin=asyncio.subprocess.PIPE if stdin_data is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         self.deadline = loop.time() + self.provider.timeout_s
+        # The deadline kills the group, which ends stdout; reads then see EOF and report the
+        # timeout. No asyncio.wait_for around reads: on Python 3.9–3.11 it can swallow a
+        # cancellation that arrives as a line does, leaving a cancelled request waiting.
+        self._deadline_timer = loop.call_at(self.deadline, self._on_deadline)
         self._tasks.append(loop.create_task(self._drain_stderr()))
         if stdin_data is not None:
             self._tasks.append(loop.create_task(self._feed_stdin(stdin_data)))
@@ -559,9 +565,6 @@ class _Run:
             self.stderr_tail += data
             del self.stderr_tail[:-STDERR_TAIL_BYTES]
 
-    def _remaining(self) -> float:
-        return self.deadline - asyncio.get_running_loop().time()
-
     def _timeout_error(self) -> GatewayError:
         message = (f"{self.provider.tool} did not finish within {self.provider.timeout_s:g} s "
                    f"(provider '{self.provider.name}', {self.provider.timeout_env})")
@@ -574,20 +577,23 @@ class _Run:
                     f"[{self.ctx.request_id}] " if self.ctx is not None else "", message, status,
                     self.stderr_text() or "(empty)")
 
+    def _on_deadline(self) -> None:
+        self.timed_out = True
+        self._signal_group(signal.SIGKILL)
+
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The JSON objects the tool prints on stdout, until EOF; non-JSON lines are skipped."""
         while True:
-            remaining = self._remaining()
-            if remaining <= 0:
+            if self.timed_out:
                 raise self._timeout_error()
             try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), remaining)
-            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.9, 3.10
-                raise self._timeout_error() from None
+                line = await self.proc.stdout.readline()
             except ValueError:          # a line over STDOUT_LINE_LIMIT_BYTES
                 raise GatewayError(502, f"{self.provider.tool} printed a line longer than "
                                         f"{STDOUT_LINE_LIMIT_BYTES} bytes") from None
             if not line:
+                if self.timed_out:
+                    raise self._timeout_error()
                 return
             text = line.decode("utf-8", "replace").strip()
             if not text:
@@ -601,11 +607,11 @@ class _Run:
                 yield event
 
     async def wait_exit(self) -> int:
-        """The exit status, once stdout is at EOF; the deadline still applies."""
-        try:
-            return await asyncio.wait_for(self.proc.wait(), max(self._remaining(), 0.001))
-        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.9, 3.10
-            raise self._timeout_error() from None
+        """The exit status, once stdout is at EOF; the deadline still applies (it kills the group)."""
+        status = await self.proc.wait()
+        if self.timed_out:
+            raise self._timeout_error()
+        return status
 
     def stderr_text(self) -> str:
         return self.stderr_tail.decode("utf-8", "replace").strip()
@@ -636,6 +642,8 @@ class _Run:
     def _release(self) -> None:
         """The synchronous part of close: kill what is left of the group, free everything else."""
         self.closed = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         self._signal_group(signal.SIGKILL)      # grandchildren that outlived their parent
         for task in self._tasks:
             task.cancel()

@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
-import evo_gateway
 from conftest import ROOT
 from pyz_smoke import smoke
+
+import evo_gateway
 
 
 def test_built_pyz_starts_in_empty_folder_writes_default_config_and_answers_health(tmp_path):
