@@ -14,12 +14,15 @@ is an async iterator written by the same task.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import difflib
 import email.utils
 import fcntl
+import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import logging.handlers
@@ -32,11 +35,10 @@ import socket
 import ssl
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Any, Callable, Union
 from urllib.parse import urlsplit
 
 import h11
@@ -463,8 +465,8 @@ class _StaleConnection(Exception):
 class UpstreamTarget:
     """Where and how to reach an upstream origin: host, port, TLS, timeouts, and for errors a name."""
 
-    __slots__ = ("scheme", "host", "port", "base_path", "ssl", "server_hostname", "provider",
-                 "connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s", "key", "host_header")
+    __slots__ = ("base_path", "connect_timeout_s", "first_byte_timeout_s", "host", "host_header", "idle_timeout_s",
+                 "key", "origin", "port", "provider", "scheme", "server_hostname", "ssl")
 
     def __init__(self, base_url: str, provider: str, ssl_context: ssl.SSLContext | None = None,
                  connect_timeout_s: float = 10.0, first_byte_timeout_s: float = 300.0,
@@ -484,9 +486,10 @@ class UpstreamTarget:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.key = (self.scheme, self.host, self.port, id(self.ssl))
+        self.origin = f"{self.host}:{self.port}"
 
     def describe(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.origin
 
 
 _ssl_contexts: dict[tuple, ssl.SSLContext] = {}
@@ -509,7 +512,7 @@ def ssl_context_for(ca_file: str | None, verify: bool) -> ssl.SSLContext:
 class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an upstream, driven by h11 in client role."""
 
-    __slots__ = ("target", "reader", "writer", "h11", "reused", "state")
+    __slots__ = ("deadline", "h11", "reader", "reused", "state", "target", "timed_out", "writer")
 
     def __init__(self, target: UpstreamTarget, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.target = target
@@ -518,6 +521,11 @@ class UpstreamConnection:
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
         self.state = "ACTIVE"  # ACTIVE → IDLE (pooled) → ACTIVE … → CLOSED
+        # Read timeouts are a deadline the pool's watchdog checks a few times a second: it
+        # aborts the socket, the pending read returns, and `timed_out` says why. Cheaper than
+        # a wait_for (a task and a timer) around every read of every stream chunk.
+        self.deadline = 0.0
+        self.timed_out = False
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self.target.describe()} {self.state} reused={self.reused}>"
@@ -553,7 +561,8 @@ class UpstreamConnection:
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), self.target.first_byte_timeout_s)
+                self.deadline = time.monotonic() + self.target.first_byte_timeout_s
+                data = await self._read()
                 if not data and not got_bytes and self.reused:
                     raise _StaleConnection()
                 got_bytes = got_bytes or bool(data)
@@ -565,19 +574,43 @@ class UpstreamConnection:
                 return event
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} before the response head")
 
-    async def read_body_chunk(self) -> bytes | None:
-        """The next piece of the response body, None at its end."""
+    async def read_body_chunk(self) -> tuple[bytes, bool]:
+        """All of the body that has arrived (waiting for some if none has), and whether it ended.
+
+        Pieces already received come out joined, so a burst from the upstream is relayed with
+        one write instead of one per chunk; nothing waits for more data than is there.
+        """
+        parts = []
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), self.target.idle_timeout_s)
-                self.h11.receive_data(data)
+                if parts:
+                    return b"".join(parts), False
+                self.deadline = time.monotonic() + self.target.idle_timeout_s
+                self.h11.receive_data(await self._read())
                 continue
             if isinstance(event, h11.Data):
-                return bytes(event.data)
+                parts.append(event.data)
+                continue
             if isinstance(event, h11.EndOfMessage):
-                return None
+                return b"".join(parts), True
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
+
+    async def _read(self) -> bytes:
+        try:
+            data = await self.reader.read(READ_CHUNK_BYTES)
+        finally:
+            self.deadline = 0.0
+        if self.timed_out:
+            raise asyncio.TimeoutError()
+        return data
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the pool's watchdog: past its deadline, the connection is cut."""
+        if self.deadline and now > self.deadline and not self.timed_out:
+            self.timed_out = True
+            self.state = "CLOSED"
+            self.writer.transport.abort()
 
     def is_reusable(self) -> bool:
         """The one place that decides keep-or-close: both sides DONE and keep-alive agreed."""
@@ -616,14 +649,15 @@ class UpstreamResponse:
         try:
             while True:
                 try:
-                    chunk = await conn.read_body_chunk()
+                    chunk, ended = await conn.read_body_chunk()
                 except BaseException as e:
                     raise self._pool.map_error(e, conn.target) from None
-                if chunk is None:
+                if ended:
                     self._done = True
-                    break
                 if chunk:
                     yield chunk
+                if ended:
+                    break
         finally:
             self._release()
 
@@ -647,13 +681,28 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections per origin, and the one boundary that maps transport errors."""
 
+    WATCHDOG_S = 0.25
+
     def __init__(self, max_idle_per_origin: int = 64) -> None:
         self._idle: dict[tuple, list[UpstreamConnection]] = {}
         self.max_idle_per_origin = max_idle_per_origin
         self.active: dict[str, int] = {}
+        self._in_use: set[UpstreamConnection] = set()
+        self._watchdog: asyncio.Task | None = None
+
+    async def _watch_deadlines(self) -> None:
+        while True:
+            await asyncio.sleep(self.WATCHDOG_S)
+            now = time.monotonic()
+            for conn in list(self._in_use):
+                if conn.state == "CLOSED":
+                    self._in_use.discard(conn)
+                else:
+                    conn.check_deadline(now)
 
     def put_idle(self, conn: UpstreamConnection) -> None:
         self._release_active(conn.target)
+        self._in_use.discard(conn)
         try:
             conn.h11.start_next_cycle()
         except h11.LocalProtocolError:
@@ -678,7 +727,7 @@ class UpstreamPool:
         return None
 
     def _release_active(self, target: UpstreamTarget) -> None:
-        d = target.describe()
+        d = target.origin
         self.active[d] = max(0, self.active.get(d, 1) - 1)
 
     def stats(self) -> dict[str, tuple[int, int]]:
@@ -692,6 +741,12 @@ class UpstreamPool:
         return out
 
     def close_all(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for conn in list(self._in_use):
+            conn.close()
+        self._in_use.clear()
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
@@ -704,13 +759,16 @@ class UpstreamPool:
         all_headers = [(b"host", target.host_header.encode())] + headers
         if body or method == "POST":
             all_headers.append((b"content-length", str(len(body)).encode()))
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch_deadlines())
         attempt = 0
         while True:
             conn = self._take_idle(target)
             try:
                 if conn is None:
                     conn = await UpstreamConnection.open(target)
-                d = target.describe()
+                self._in_use.add(conn)
+                d = target.origin
                 self.active[d] = self.active.get(d, 0) + 1
                 try:
                     await conn.send_request(method.encode(), full_path, all_headers, body)
@@ -804,13 +862,15 @@ class Reply:
     `sse` marks an event stream, which may receive keep-alive comments while it is quiet.
     """
 
-    __slots__ = ("status", "headers", "body", "sse")
+    __slots__ = ("body", "error_frame", "headers", "sse", "status")
 
     def __init__(self, status: int, headers: list, body: bytes | AsyncIterator[bytes], sse: bool = False) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.sse = sse
+        # For a relayed stream: renders a GatewayError raised mid-stream as the final event.
+        self.error_frame: Callable[[GatewayError], bytes] | None = None
 
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -894,6 +954,14 @@ async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
     return GatewayError(resp.status, f"{provider}: {message}", kind, headers=headers)
 
 
+_ACCEPT_SSE = (b"accept", b"text/event-stream")
+_ACCEPT_JSON = (b"accept", b"application/json")
+_STATIC_UPSTREAM_HEADERS = ((b"content-type", b"application/json"), (b"accept-encoding", b"identity"))
+_FORWARDED_NAMES = tuple((n, n.encode()) for n in sorted(FORWARDED_REQUEST_HEADERS))
+_RELAYED_NAMES = frozenset(n.encode() for n in RELAYED_RESPONSE_HEADERS)
+_RELAYED_PREFIXES = tuple(p.encode() for p in RELAYED_RESPONSE_PREFIXES)
+
+
 class HttpProvider(Provider):
     """Base for providers reached over HTTP: target, key pool, headers, forward and relay.
 
@@ -922,13 +990,13 @@ class HttpProvider(Provider):
     async def send(self, path: str, body: dict, ctx: RequestContext, stream: bool) -> UpstreamResponse:
         """POST `body` as JSON to `path`; returns once the response head is in."""
         key = self.keys.next_key()
-        headers = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity"),
-                   (b"accept", b"text/event-stream" if stream else b"application/json")]
+        headers = [_ACCEPT_SSE if stream else _ACCEPT_JSON, *_STATIC_UPSTREAM_HEADERS]
         headers += self.auth_headers(key, ctx)
-        for name in FORWARDED_REQUEST_HEADERS:
-            value = ctx.headers.get(name)
-            if value is not None and not any(h[0] == name.encode() for h in headers):
-                headers.append((name.encode(), value.encode("latin-1")))
+        client_headers = ctx.headers
+        for name, bname in _FORWARDED_NAMES:
+            value = client_headers.get(name)
+            if value is not None and not any(h[0] == bname for h in headers):
+                headers.append((bname, value.encode("latin-1")))
         headers += self.extra_headers
         t0 = time.monotonic()
         try:
@@ -947,7 +1015,7 @@ class HttpProvider(Provider):
         stream = ctx.stream
         resp = await self.send(self.native_paths[kind], body, ctx, stream)
         headers = [(k, v) for k, v in resp.headers
-                   if k.decode() in RELAYED_RESPONSE_HEADERS or k.decode().startswith(RELAYED_RESPONSE_PREFIXES)]
+                   if k in _RELAYED_NAMES or k.startswith(_RELAYED_PREFIXES)]
         if stream and 200 <= resp.status < 300:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
             is_sse = (resp.header(b"content-type") or "").startswith("text/event-stream")
@@ -1450,12 +1518,11 @@ class Metrics:
             self._hist("upstream_ttfb_seconds", provider, ttfb_s)
 
     def _hist(self, name: str, provider: str, value: float) -> None:
+        # One bucket count per observation (made cumulative when rendered), then sum and count.
         h = self.latency.get((name, provider))
         if h is None:
-            h = self.latency[(name, provider)] = [0] * (len(self.BUCKETS_S) + 2)
-        for i, bound in enumerate(self.BUCKETS_S):
-            if value <= bound:
-                h[i] += 1
+            h = self.latency[(name, provider)] = [0] * (len(self.BUCKETS_S) + 3)
+        h[bisect.bisect_left(self.BUCKETS_S, value)] += 1
         h[-2] += value
         h[-1] += 1
 
@@ -1557,20 +1624,9 @@ class Gateway:
             reply = await provider.forward(kind, body, ctx)
             if isinstance(reply.body, bytes):
                 return reply
-            reply.body = self._guard_stream(reply.body, kind, ctx)
+            reply.error_frame = functools.partial(stream_error_frame, kind)
             return reply
         return await self._bridge(kind, provider, body, model, stream, ctx)
-
-    async def _guard_stream(self, chunks: AsyncIterator[bytes], kind: str, ctx: RequestContext) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except GatewayError as e:
-            ctx.note(stream_error=e.message)
-            log.warning("upstream failed mid-stream: %s", e.message)
-            yield stream_error_frame(kind, e)
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _bridge(self, kind: str, provider: Provider, body: dict, client_model: str, stream: bool,
                       ctx: RequestContext) -> Reply:
@@ -1715,8 +1771,10 @@ class Gateway:
                 if metric != name:
                     continue
                 lbl = f'{wid}provider="{_label(provider)}"'
+                cumulative = 0
                 for bound, count in zip(Metrics.BUCKETS_S, h):
-                    out.append(f'evo_gateway_{name}_bucket{{{lbl},le="{bound}"}} {count}')
+                    cumulative += count
+                    out.append(f'evo_gateway_{name}_bucket{{{lbl},le="{bound}"}} {cumulative}')
                 out.append(f'evo_gateway_{name}_bucket{{{lbl},le="+Inf"}} {h[-1]}')
                 out.append(f"evo_gateway_{name}_sum{{{lbl}}} {h[-2]:.6f}")
                 out.append(f"evo_gateway_{name}_count{{{lbl}}} {h[-1]}")
@@ -1813,6 +1871,7 @@ class HttpConnection(asyncio.Protocol):
         self.waiting_head = False
         self.requests_served = 0
         self.streaming_sse = False
+        self.pending_head = b""
         self.stream_last_write = 0.0
         self.stream_at_boundary = True
 
@@ -1986,13 +2045,13 @@ class HttpConnection(asyncio.Protocol):
         reply = error_reply(dialect, GatewayError(status, message))
         reply.headers.append((b"connection", b"close"))
         try:
-            await self._send_reply(reply, uuid.uuid4().hex, None)
+            await self._send_reply(reply, next_request_id(), None)
         except (ConnectionError, h11.LocalProtocolError):
             pass
 
     async def _respond(self, request: h11.Request) -> None:
         gateway = self.gateway
-        request_id = uuid.uuid4().hex
+        request_id = next_request_id()
         target = request.target.decode("latin-1")
         path = target.split("?", 1)[0]
         method = request.method.decode("latin-1")
@@ -2100,28 +2159,49 @@ class HttpConnection(asyncio.Protocol):
         self.streaming_sse = reply.sse
         self.stream_at_boundary = True
         try:
-            self._write(self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason)))
+            # The head goes out with the first chunk (one write, not two); the ticker sends it
+            # alone if the upstream stays quiet.
+            self.pending_head = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
             self.stream_last_write = time.monotonic()
-            async for chunk in body:
-                if not chunk:
-                    continue
-                self._write(self.conn.send(h11.Data(data=chunk)))
-                self.stream_last_write = time.monotonic()
-                self.stream_at_boundary = chunk.endswith(b"\n\n")
-                if self._write_paused:
-                    await self._drain()
-                if self.closed:
-                    raise ConnectionError("client connection closed")
-            self._write(self.conn.send(h11.EndOfMessage()))
+            try:
+                async for chunk in body:
+                    if chunk:
+                        await self._write_chunk(chunk)
+            except GatewayError as e:
+                if reply.error_frame is None:
+                    raise
+                if ctx is not None:
+                    ctx.note(stream_error=e.message)
+                log.warning("upstream failed mid-stream: %s", e.message)
+                await self._write_chunk(reply.error_frame(e))
+            self._write(self.pending_head + self.conn.send(h11.EndOfMessage()))
+            self.pending_head = b""
         finally:
             self.streaming_sse = False
+            self.pending_head = b""
             metrics.open_streams -= 1
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
 
+    async def _write_chunk(self, chunk: bytes) -> None:
+        data = self.conn.send(h11.Data(data=chunk))
+        if self.pending_head:
+            data = self.pending_head + data
+            self.pending_head = b""
+        self._write(data)
+        self.stream_last_write = time.monotonic()
+        self.stream_at_boundary = chunk.endswith(b"\n\n")
+        if self._write_paused:
+            await self._drain()
+        if self.closed:
+            raise ConnectionError("client connection closed")
+
     def send_keepalive_if_quiet(self, now: float) -> None:
-        """Called by the ticker: a quiet SSE stream gets a comment so proxies keep it open."""
+        """Called by the ticker: a quiet stream gets its head out, and SSE a comment so proxies keep it open."""
+        if self.pending_head and now - self.stream_last_write >= TICK_S:
+            self._write(self.pending_head)
+            self.pending_head = b""
         if self.streaming_sse and self.stream_at_boundary and now - self.stream_last_write >= SSE_KEEPALIVE_S:
             try:
                 self._write(self.conn.send(h11.Data(data=b": keep-alive\n\n")))
@@ -2134,13 +2214,31 @@ class HttpConnection(asyncio.Protocol):
         ttfb_ms = ctx.log.get("ttfb_ms")
         self.gateway.metrics.observe(path if path in ROUTES else "other", ctx.provider or "-", status, duration,
                                      ttfb_ms / 1000 if ttfb_ms is not None else None)
-        fields = {"request_id": ctx.request_id, "method": method, "path": path, "status": status,
-                  "provider": ctx.provider or None, "model": ctx.model or None, "stream": ctx.stream,
-                  "duration_ms": round(duration * 1000, 1), "key": key_name}
-        fields.update(ctx.log)
         level = logging.INFO if status < 400 else logging.WARNING
         if log.isEnabledFor(level):
+            fields = {"request_id": ctx.request_id, "method": method, "path": path, "status": status,
+                      "provider": ctx.provider or None, "model": ctx.model or None, "stream": ctx.stream,
+                      "duration_ms": round(duration * 1000, 1), "key": key_name}
+            fields.update(ctx.log)
             log.log(level, "%s %s %s %s", method, path, status, _summary(fields), extra={"fields": fields})
+
+
+_request_ids = itertools.count(1)
+_request_id_prefix = ""
+
+
+def _new_request_id_prefix() -> None:
+    global _request_id_prefix
+    _request_id_prefix = secrets.token_hex(6) + "-"
+
+
+_new_request_id_prefix()
+os.register_at_fork(after_in_child=_new_request_id_prefix)  # each worker draws its own
+
+
+def next_request_id() -> str:
+    """Unique across processes and restarts: a random per-process prefix and a counter."""
+    return f"{_request_id_prefix}{next(_request_ids):x}"
 
 
 class _CloseAfter(Exception):
@@ -2197,7 +2295,7 @@ class Server:
             for conn in list(self.connections):
                 if conn.deadline is not None and now > conn.deadline:
                     conn.abort()  # a slow head or an idle keep-alive past its time
-                elif conn.streaming_sse:
+                elif conn.streaming_sse or conn.pending_head:
                     conn.send_keepalive_if_quiet(now)
             auth = self.gateway.auth
             if auth is not None:
