@@ -38,6 +38,7 @@ def http_get(port: int, path: str) -> tuple[int, bytes]:
 
 def smoke(python: str, pyz: str) -> dict:
     """Run the pyz from an empty folder; returns what it showed. Raises AssertionError on a fault."""
+    pyz = os.path.abspath(pyz)
     with tempfile.TemporaryDirectory() as work:
         port = free_port()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "EVO_LOG_DIR": os.path.join(work, "logs")}
