@@ -1737,6 +1737,10 @@ class Gateway:
             provider = state.providers.get(p.name)
             if provider is not None:
                 entry["keys"] = provider.key_count()
+                binary_path = getattr(provider, "binary_path", None)
+                if binary_path is not None:  # a CLI provider: is its tool there? (never run for this)
+                    entry["binary"] = binary_path()
+                    entry["ok"] = entry["binary"] is not None
                 if provider.last_result is not None:
                     ok, detail, latency_ms, when = provider.last_result
                     entry["last_upstream"] = {"ok": ok, "result": detail, "latency_ms": latency_ms,

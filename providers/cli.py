@@ -639,6 +639,22 @@ class _Run:
         finally:
             self._release()
 
+    async def finish_close(self) -> None:
+        """Make a close begun elsewhere (a request cancelled a moment ago) complete now: wait up
+        to the kill grace for the child, then SIGKILL the group, free everything and reap it."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), self.provider.kill_grace_s)
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin on Python 3.9, 3.10
+                pass
+        self._release()
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), self.provider.kill_grace_s)
+            except asyncio.TimeoutError:  # noqa: UP041
+                log.warning("%s (pid %s) survived SIGKILL", self.provider.tool, proc.pid)
+
     def _release(self) -> None:
         """The synchronous part of close: kill what is left of the group, free everything else."""
         self.closed = True
@@ -851,6 +867,12 @@ class CliProvider(Provider):
         runs = list(self._runs)
         if runs:
             await asyncio.gather(*(run.close() for run in runs), return_exceptions=True)
+        # Runs still here were being closed by their cancelled request when close() was called
+        # (it returns at once then). Finish them before returning: the caller may stop the event
+        # loop next, which would leave a tool that ignores SIGTERM running.
+        leftovers = list(self._runs)
+        if leftovers:
+            await asyncio.gather(*(run.finish_close() for run in leftovers), return_exceptions=True)
 
 
 def _completion_id() -> str:

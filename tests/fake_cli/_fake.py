@@ -5,6 +5,7 @@ appends a record of argv, stdin, environment, cwd and pid to $FAKE_CLI_RECORD, a
 real tool's JSON event lines. The prompt text picks the behaviour:
 
     SLEEP     print some text, start a sleeping grandchild, then sleep forever
+    STUBBORN  (with SLEEP) the tool and its grandchild ignore SIGTERM: only SIGKILL ends them
     WAITFILE  wait until the file $FAKE_CLI_RELEASE exists, then answer normally
     FAIL      print some text, write to stderr, exit 1
     ISERROR   print some text, then the tool's own error event
@@ -15,6 +16,7 @@ real tool's JSON event lines. The prompt text picks the behaviour:
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,6 +77,8 @@ def main(tool):
     argv = sys.argv[1:]
     prompt, stdin = parse_argv(tool, argv)
     extra = {}
+    if "STUBBORN" in prompt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)      # inherited by the grandchild across exec
     if "SLEEP" in prompt:
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         extra["grandchild"] = grandchild.pid
