@@ -902,6 +902,7 @@ class HttpProvider(Provider):
     """
 
     native_paths: dict[str, str] = {}
+    forwarded_headers: frozenset = FORWARDED_REQUEST_HEADERS  # the client headers this upstream may see
 
     def __init__(self, config: ProviderConfig, pool: UpstreamPool, environ: dict | None = None) -> None:
         super().__init__(config)
@@ -925,7 +926,7 @@ class HttpProvider(Provider):
         headers = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity"),
                    (b"accept", b"text/event-stream" if stream else b"application/json")]
         headers += self.auth_headers(key, ctx)
-        for name in FORWARDED_REQUEST_HEADERS:
+        for name in self.forwarded_headers:
             value = ctx.headers.get(name)
             if value is not None and not any(h[0] == name.encode() for h in headers):
                 headers.append((name.encode(), value.encode("latin-1")))
@@ -1623,7 +1624,8 @@ class Gateway:
             if kind == "chat":
                 return json_reply(result)
             if kind == "messages":
-                return json_reply(tr.chat_to_anthropic_response(result, client_model))
+                return json_reply(tr.chat_to_anthropic_response(result, client_model,
+                                                                tool_names=tr.anthropic_tool_name_map(body)))
             if kind == "responses":
                 return json_reply(tr.chat_to_responses_response(result, dict(body, model=client_model)))
             if kind == "ollama_chat":
@@ -1635,7 +1637,8 @@ class Gateway:
             translator: Any = ChatStream()
             headers = SSE_HEADERS
         elif kind == "messages":
-            translator = tr.ChatToAnthropicStream(client_model)
+            translator = tr.ChatToAnthropicStream(client_model, input_tokens=tr.estimate_anthropic_tokens(body),
+                                                  tool_names=tr.anthropic_tool_name_map(body))
             headers = SSE_HEADERS
         elif kind == "responses":
             translator = tr.ChatToResponsesStream(dict(body, model=client_model))

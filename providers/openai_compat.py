@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from evo_gateway import (
+    FORWARDED_REQUEST_HEADERS,
     ChatResult,
     GatewayError,
     HttpProvider,
@@ -19,6 +20,8 @@ class OpenAICompatProvider(HttpProvider):
     """Chat and embeddings forwarded as-is; `/responses` too when `responses_api` is set."""
 
     chat_path = "/chat/completions"
+    # Anthropic's version/beta flags describe a Messages request; once translated they mean nothing here.
+    forwarded_headers = frozenset(h for h in FORWARDED_REQUEST_HEADERS if not h.startswith("anthropic-"))
 
     def __init__(self, config: Any, pool: Any, environ: Any = None) -> None:
         paths = {"chat": "/chat/completions", "embeddings": "/embeddings"}
