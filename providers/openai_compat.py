@@ -33,6 +33,14 @@ class OpenAICompatProvider(HttpProvider):
     async def chat(self, body: dict[str, Any], ctx: RequestContext) -> ChatResult:
         stream = body.get("stream") is True
         resp = await self.send(self.chat_path, body, ctx, stream)
+        if resp.status == 400 and _large_int(body.get("max_tokens")):
+            err = await upstream_error(resp, self.name)
+            if "max_tokens" not in err.message and "max_completion_tokens" not in err.message:
+                raise err
+            # Claude Code asks for up to 128000 output tokens, more than many models allow; it
+            # means "as much as the model gives", so ask once more without a limit.
+            body = {k: v for k, v in body.items() if k != "max_tokens"}
+            resp = await self.send(self.chat_path, body, ctx, stream)
         if resp.status >= 300:
             raise await upstream_error(resp, self.name)
         if not stream:
@@ -46,3 +54,7 @@ class OpenAICompatProvider(HttpProvider):
                 message = err.get("message") if isinstance(err, dict) else str(err)
                 raise GatewayError(502, f"{self.name}: {message}", "upstream")
             yield obj
+
+
+def _large_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 4096

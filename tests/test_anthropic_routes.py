@@ -253,6 +253,32 @@ def test_anthropic_upstream_without_client_version_gets_default_version(harness)
     assert up.requests[1].headers["anthropic-version"] == "2023-06-01"
 
 
+def test_anthropic_upstream_dying_mid_stream_ends_relay_with_error_event(harness):
+    frames = [ant_event(e) for e in ant_stream_events(tool=False)[:4]]
+
+    async def handler(req):
+        async def body():
+            for frame in frames:
+                yield frame
+            raise ConnectionResetError("upstream died")
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([ant_provider(up)], environ=ANTH_ENV)
+    got = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with ant_client(url).messages.stream(model="anthropic:claude-x", max_tokens=10,
+                                             messages=[{"role": "user", "content": "x"}]) as stream:
+            for text in stream.text_stream:
+                got.append(text)
+    assert "".join(got) == "Chec"
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] in ("api_error", "overloaded_error")
+    status, raw = raw_stream(url, {"model": "anthropic:claude-x", "max_tokens": 10, "stream": True,
+                                   "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200
+    assert raw.startswith(b"".join(frames))
+    assert sse_events(raw)[-1][0] == "error"
+
+
 def test_anthropic_upstream_529_overloaded_passes_through_in_anthropic_envelope(harness):
     envelope = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
                 "request_id": "req_011"}
@@ -474,6 +500,48 @@ def test_claude_code_shaped_request_is_accepted_on_openai_upstream(harness):
                            "thinking", "signature", "web_search_20250305"):
         assert anthropic_only not in text
     assert "anthropic-beta" not in up.requests[0].headers and "anthropic-version" not in up.requests[0].headers
+
+
+def limited_output_upstream(harness, limit: int = 32768):
+    """An OpenAI-like mock that refuses max_tokens over `limit` with OpenAI's own wording."""
+    async def handler(req):
+        body = req.json()
+        if body.get("max_tokens", 0) > limit:
+            return MockResponse(400, {"error": {
+                "message": f"max_tokens is too large: {body['max_tokens']}. This model supports at most {limit} "
+                           f"completion tokens, whereas you provided {body['max_tokens']}.",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}})
+        if body.get("stream"):
+            return MockResponse(200, sse_body(*chat_chunks(["fine"])), content_type="text/event-stream")
+        return MockResponse(200, chat_completion("fine"))
+    return harness.upstream(handler)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_beyond_upstream_limit_is_retried_without_limit(harness, stream):
+    up = limited_output_upstream(harness)
+    url = harness.start([oa_provider(up)])
+    body = {"model": "oa:m", "max_tokens": 128000, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
+    if stream:
+        status, raw = raw_stream(url, body)
+        events = sse_events(raw)
+        assert [d["delta"]["text"] for n, d in events if n == "content_block_delta"] == ["fine"]
+    else:
+        with httpx.Client(timeout=20) as c:
+            r = c.post(url + "/v1/messages", json=body)
+        status = r.status_code
+        assert r.json()["content"][0]["text"] == "fine"
+    assert status == 200
+    assert [req.json().get("max_tokens") for req in up.requests] == [128000, None]
+
+
+def test_small_max_tokens_refused_upstream_is_not_retried(harness):
+    up = limited_output_upstream(harness, limit=100)
+    url = harness.start([oa_provider(up)])
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant_client(url).messages.create(model="oa:m", max_tokens=500, messages=[{"role": "user", "content": "x"}])
+    assert "max_tokens is too large" in e.value.body["error"]["message"]
+    assert len(up.requests) == 1
 
 
 # -- OpenAI client → Anthropic upstream: translation --------------------------------------------
