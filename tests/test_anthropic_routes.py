@@ -4,6 +4,7 @@ OpenAI ⇄ Anthropic translation, with the official `anthropic` and `openai` cli
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import anthropic
@@ -315,7 +316,7 @@ def test_anthropic_upstream_429_keeps_retry_after_and_envelope(harness):
 def test_count_tokens_on_anthropic_provider_is_forwarded(harness):
     up = anthropic_upstream(harness)
     url = harness.start([ant_provider(up)], environ=ANTH_ENV)
-    count = ant_client(url).messages.count_tokens(model="anthropic:claude-x",
+    count = ant_client(url).messages.count_tokens(model="anthropic:claude-x", extra_query={"beta": "true"},
                                                   messages=[{"role": "user", "content": "hello"}])
     assert count.input_tokens == 4242
     req = up.requests[0]
@@ -328,7 +329,8 @@ def test_count_tokens_on_openai_provider_is_an_estimate_without_upstream_call(ha
     up = chat_upstream(harness, [chat_completion()])
     url = harness.start([oa_provider(up)])
     client = ant_client(url)
-    short = client.messages.count_tokens(model="oa:m", messages=[{"role": "user", "content": "hi"}])
+    short = client.messages.count_tokens(model="oa:m", messages=[{"role": "user", "content": "hi"}],
+                                         extra_query={"beta": "true"})
     long = client.messages.count_tokens(model="oa:m", system="be brief " * 100, tools=[WEATHER_TOOL],
                                         messages=[{"role": "user", "content": "hello there " * 200}])
     assert 1 <= short.input_tokens < 10
@@ -753,6 +755,30 @@ def test_bad_messages_request_via_sdk_raises_bad_request(harness):
     assert up.requests == []
 
 
-def test_anthropic_error_renderer_covers_overloaded_and_rate_limit():
-    body = evo_gateway.error_body("anthropic", evo_gateway.GatewayError(529, "busy", "overloaded"))
-    assert body == {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+# -- gateway keys (Claude Code's ANTHROPIC_API_KEY / ANTHROPIC_AUTH_TOKEN) -------------------------
+
+
+def test_gateway_key_as_x_api_key_or_bearer_is_accepted_and_never_forwarded(harness, tmp_path):
+    gateway_key = "evo-" + "ab" * 24
+    keys = tmp_path / "auth.json"
+    evo_gateway.write_keys_file(str(keys), {"keys": [{
+        "name": "claude-code", "key_hash": hashlib.sha256(gateway_key.encode()).hexdigest(),
+        "prefix": gateway_key[:12], "created_at": "2026-01-01T00:00:00.000000Z"}]})
+    up = anthropic_upstream(harness)
+    url = harness.start([ant_provider(up)], environ=ANTH_ENV)
+    harness.gateway.auth = evo_gateway.KeyStore(str(keys))
+    as_api_key = anthropic.Anthropic(base_url=url, api_key=gateway_key, max_retries=0, timeout=20)
+    as_token = anthropic.Anthropic(base_url=url, auth_token=gateway_key, max_retries=0, timeout=20)
+    for client in (as_api_key, as_token):
+        msg = client.messages.create(model="anthropic:claude-x", max_tokens=10,
+                                     messages=[{"role": "user", "content": "x"}])
+        assert msg.content[0].text == "Checking."
+    assert len(up.requests) == 2
+    for req in up.requests:
+        assert req.headers["x-api-key"] == "sk-test" and "authorization" not in req.headers
+        assert gateway_key not in json.dumps(req.headers)
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        anthropic.Anthropic(base_url=url, api_key="evo-wrong", max_retries=0, timeout=20).messages.create(
+            model="anthropic:claude-x", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "authentication_error"
+    assert len(up.requests) == 2
