@@ -957,7 +957,6 @@ async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
 _ACCEPT_SSE = (b"accept", b"text/event-stream")
 _ACCEPT_JSON = (b"accept", b"application/json")
 _STATIC_UPSTREAM_HEADERS = ((b"content-type", b"application/json"), (b"accept-encoding", b"identity"))
-_FORWARDED_NAMES = tuple((n, n.encode()) for n in sorted(FORWARDED_REQUEST_HEADERS))
 _RELAYED_NAMES = frozenset(n.encode() for n in RELAYED_RESPONSE_HEADERS)
 _RELAYED_PREFIXES = tuple(p.encode() for p in RELAYED_RESPONSE_PREFIXES)
 
@@ -970,6 +969,7 @@ class HttpProvider(Provider):
     """
 
     native_paths: dict[str, str] = {}
+    forwarded_headers: frozenset = FORWARDED_REQUEST_HEADERS  # the client headers this upstream may see
 
     def __init__(self, config: ProviderConfig, pool: UpstreamPool, environ: dict | None = None) -> None:
         super().__init__(config)
@@ -979,6 +979,7 @@ class HttpProvider(Provider):
         self.pool = pool
         self.keys = KeyPool(config.api_key_envs, environ)
         self.extra_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in config.extra_headers]
+        self._forwarded = tuple((n, n.encode()) for n in sorted(self.forwarded_headers))
         self.native_kinds = frozenset(self.native_paths)
 
     def key_count(self) -> int:
@@ -993,7 +994,7 @@ class HttpProvider(Provider):
         headers = [_ACCEPT_SSE if stream else _ACCEPT_JSON, *_STATIC_UPSTREAM_HEADERS]
         headers += self.auth_headers(key, ctx)
         client_headers = ctx.headers
-        for name, bname in _FORWARDED_NAMES:
+        for name, bname in self._forwarded:
             value = client_headers.get(name)
             if value is not None and not any(h[0] == bname for h in headers):
                 headers.append((bname, value.encode("latin-1")))
@@ -1679,7 +1680,8 @@ class Gateway:
             if kind == "chat":
                 return json_reply(result)
             if kind == "messages":
-                return json_reply(tr.chat_to_anthropic_response(result, client_model))
+                return json_reply(tr.chat_to_anthropic_response(result, client_model,
+                                                                tool_names=tr.anthropic_tool_name_map(body)))
             if kind == "responses":
                 return json_reply(tr.chat_to_responses_response(result, dict(body, model=client_model)))
             if kind == "ollama_chat":
@@ -1691,7 +1693,8 @@ class Gateway:
             translator: Any = ChatStream()
             headers = SSE_HEADERS
         elif kind == "messages":
-            translator = tr.ChatToAnthropicStream(client_model)
+            translator = tr.ChatToAnthropicStream(client_model, input_tokens=tr.estimate_anthropic_tokens(body),
+                                                  tool_names=tr.anthropic_tool_name_map(body))
             headers = SSE_HEADERS
         elif kind == "responses":
             translator = tr.ChatToResponsesStream(dict(body, model=client_model))

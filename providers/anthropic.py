@@ -23,6 +23,7 @@ class AnthropicProvider(HttpProvider):
     """`x-api-key` from the key pool; `anthropic-version` is the client's, else 2023-06-01."""
 
     native_paths = {"messages": "/messages", "count_tokens": "/messages/count_tokens"}
+    forwarded_headers = frozenset({"anthropic-version", "anthropic-beta"})
 
     def auth_headers(self, key: str | None, ctx: RequestContext) -> list:
         headers = [(b"anthropic-version", ctx.headers.get("anthropic-version", DEFAULT_ANTHROPIC_VERSION).encode())]

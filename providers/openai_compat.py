@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from evo_gateway import (
+    FORWARDED_REQUEST_HEADERS,
     ChatResult,
     GatewayError,
     HttpProvider,
@@ -19,6 +20,8 @@ class OpenAICompatProvider(HttpProvider):
     """Chat and embeddings forwarded as-is; `/responses` too when `responses_api` is set."""
 
     chat_path = "/chat/completions"
+    # Anthropic's version/beta flags describe a Messages request; once translated they mean nothing here.
+    forwarded_headers = frozenset(h for h in FORWARDED_REQUEST_HEADERS if not h.startswith("anthropic-"))
 
     def __init__(self, config: Any, pool: Any, environ: Any = None) -> None:
         paths = {"chat": "/chat/completions", "embeddings": "/embeddings"}
@@ -30,6 +33,14 @@ class OpenAICompatProvider(HttpProvider):
     async def chat(self, body: dict[str, Any], ctx: RequestContext) -> ChatResult:
         stream = body.get("stream") is True
         resp = await self.send(self.chat_path, body, ctx, stream)
+        if resp.status == 400 and _large_int(body.get("max_tokens")):
+            err = await upstream_error(resp, self.name)
+            if "max_tokens" not in err.message and "max_completion_tokens" not in err.message:
+                raise err
+            # Claude Code asks for up to 128000 output tokens, more than many models allow; it
+            # means "as much as the model gives", so ask once more without a limit.
+            body = {k: v for k, v in body.items() if k != "max_tokens"}
+            resp = await self.send(self.chat_path, body, ctx, stream)
         if resp.status >= 300:
             raise await upstream_error(resp, self.name)
         if not stream:
@@ -43,3 +54,7 @@ class OpenAICompatProvider(HttpProvider):
                 message = err.get("message") if isinstance(err, dict) else str(err)
                 raise GatewayError(502, f"{self.name}: {message}", "upstream")
             yield obj
+
+
+def _large_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 4096
