@@ -1562,9 +1562,21 @@ class Gateway:
         return await self._bridge(kind, provider, body, model, stream, ctx)
 
     async def _guard_stream(self, chunks: AsyncIterator[bytes], kind: str, ctx: RequestContext) -> AsyncIterator[bytes]:
+        # NDJSON is passed on in whole lines (a half line is of no use to a client), so that an
+        # error line after a cut starts on a line of its own and every line the client got parses.
+        ndjson = kind in OLLAMA_KINDS
+        tail = b""
         try:
             async for chunk in chunks:
+                if ndjson:
+                    cut = chunk.rfind(b"\n") + 1
+                    if not cut:
+                        tail += chunk
+                        continue
+                    chunk, tail = tail + chunk[:cut], chunk[cut:]
                 yield chunk
+            if tail:
+                yield tail
         except GatewayError as e:
             ctx.note(stream_error=e.message)
             log.warning("upstream failed mid-stream: %s", e.message)
@@ -1576,7 +1588,7 @@ class Gateway:
                       ctx: RequestContext) -> Reply:
         """Answer `kind` through the provider's chat (the hub), translating both ways."""
         tr = self.tr
-        started_ns = time.time_ns()
+        started_ns = time.monotonic_ns()  # the Ollama translators time durations on the monotonic clock
         if kind == "count_tokens":
             return json_reply({"input_tokens": tr.estimate_anthropic_tokens(body)})
         if kind == "ollama_show":
