@@ -1593,6 +1593,8 @@ class Gateway:
             return json_reply({"input_tokens": tr.estimate_anthropic_tokens(body)})
         if kind == "ollama_show":
             return json_reply(tr.ollama_show_response(client_model, provider.config.provider_type))
+        if kind in ("ollama_chat", "ollama_generate") and tr.ollama_load_request(body, kind == "ollama_generate"):
+            return json_reply(tr.ollama_load_response(body, client_model, kind == "ollama_generate"))
         if kind in ("ollama_embed", "ollama_embeddings"):
             try:
                 request = tr.ollama_embed_to_embeddings_request(body)

@@ -8,6 +8,7 @@ mock (the gateway translates Ollama ⇄ OpenAI chat). The `openai` client is use
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
@@ -224,6 +225,30 @@ def test_ollama_generate_to_openai_provider_stream_and_not(harness):
     assert r.response == "Hello!" and r.done and r.eval_count == 2
     assert seen[0][2]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me"}]
     assert [s[2]["stream"] for s in seen] == [True, False]
+
+
+def test_ollama_load_and_unload_calls_to_openai_provider_are_answered_by_the_gateway(harness):
+    url, _, seen = start_both(harness)
+    c = oclient(url)
+    loaded = c.chat(model="vllm:qwen2.5-7b", messages=[])  # what `ollama run` sends first
+    assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+    streamed = list(c.chat(model="vllm:qwen2.5-7b", messages=[], stream=True))
+    assert [p.done_reason for p in streamed] == ["load"]
+    assert c.generate(model="vllm:qwen2.5-7b").done_reason == "load"
+    assert c.generate(model="vllm:qwen2.5-7b", keep_alive=0).done_reason == "unload"
+    assert seen == []  # an OpenAI-compatible server has nothing to load: never asked
+
+
+def test_ollama_chat_image_reaches_openai_provider_as_data_url(harness):
+    url, _, seen = start_both(harness)
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
+    r = oclient(url).chat(model="vllm:qwen2.5-7b", stream=False,
+                          messages=[{"role": "user", "content": "what is this?", "images": [png]}])
+    assert r.message.content == "Hello!"
+    (msg,) = seen[0][2]["messages"]
+    assert msg["content"][0] == {"type": "text", "text": "what is this?"}
+    image_url = msg["content"][1]["image_url"]["url"]
+    assert image_url == "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 # -- list, show, embed, version ---------------------------------------------------------------
