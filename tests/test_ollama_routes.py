@@ -9,6 +9,7 @@ mock (the gateway translates Ollama ⇄ OpenAI chat). The `openai` client is use
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import socket
@@ -20,6 +21,8 @@ import openai
 import pytest
 from conftest import provider
 from mock_upstream import MockResponse, chat_chunks, chat_completion, sse_body
+
+import evo_gateway
 
 NATIVE_MODEL = "llama3:8b"
 MISSING = "model \"nosuch\" not found, try pulling it first"
@@ -534,3 +537,19 @@ def test_api_chat_client_disconnect_cancels_native_upstream(harness):
             data += chunk
         assert b'"a"' in data
     assert closed.wait(5), "the upstream stream was not cancelled after the client left"
+
+
+def test_ollama_client_with_gateway_key_in_headers_passes_auth_and_without_gets_401(harness, tmp_path):
+    key = "evo-" + "c3" * 24
+    path = tmp_path / "auth.json"
+    evo_gateway.write_keys_file(str(path), {"keys": [{"name": "webui", "key_hash": hashlib.sha256(key.encode()).hexdigest(),
+                                                      "prefix": key[:16], "created_at": "2026-01-01T00:00:00.000000Z"}]})
+    url, _, seen = start_both(harness)
+    harness.gateway.auth = evo_gateway.KeyStore(str(path))
+    with pytest.raises(ollama.ResponseError) as e:
+        oclient(url).chat(model="vllm:qwen2.5-7b", messages=USER)
+    assert e.value.status_code == 401 and "gateway API key" in e.value.error  # Ollama's {"error": "..."}
+    c = ollama.Client(host=url, timeout=20, headers={"Authorization": f"Bearer {key}"})
+    assert c.chat(model="vllm:qwen2.5-7b", messages=USER).message.content == "Hello!"
+    assert [m.model for m in c.list().models][0] == "local:llama3:8b"
+    assert "authorization" not in seen[0][1]  # the gateway key never goes upstream
