@@ -454,6 +454,9 @@ def test_api_malformed_json_and_unknown_path_get_ollama_errors(harness):
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
     r = httpx.post(url + "/api/generate", json={"prompt": "no model"}, timeout=10)
     assert r.status_code == 400 and "model" in r.json()["error"]
+    r = httpx.post(url + "/api/chat", content=b'{"model": "vllm:qwen2.5-7b", "messages": []}', timeout=10,
+                   headers={"content-type": "application/x-www-form-urlencoded"})  # what bare `curl -d` sends
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]
     r = httpx.post(url + "/api/pull", json={"model": "x"}, timeout=10)
     assert r.status_code == 404 and set(r.json()) == {"error"} and "/api/pull" in r.json()["error"]
     r = httpx.get(url + "/api/chat", timeout=10)
