@@ -1633,11 +1633,13 @@ class Gateway:
                       ctx: RequestContext) -> Reply:
         """Answer `kind` through the provider's chat (the hub), translating both ways."""
         tr = self.tr
-        started_ns = time.time_ns()
+        started_ns = time.monotonic_ns()  # the Ollama translators time durations on the monotonic clock
         if kind == "count_tokens":
             return json_reply({"input_tokens": tr.estimate_anthropic_tokens(body)})
         if kind == "ollama_show":
             return json_reply(tr.ollama_show_response(client_model, provider.config.provider_type))
+        if kind in ("ollama_chat", "ollama_generate") and tr.ollama_load_request(body, kind == "ollama_generate"):
+            return json_reply(tr.ollama_load_response(body, client_model, kind == "ollama_generate"))
         if kind in ("ollama_embed", "ollama_embeddings"):
             try:
                 request = tr.ollama_embed_to_embeddings_request(body)

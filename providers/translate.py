@@ -1480,6 +1480,34 @@ def chat_to_ollama_generate_response(resp: dict, model: str, started_ns: int | N
     return out
 
 
+def ollama_load_request(body: dict, generate: bool = False) -> bool:
+    """Whether an `/api/chat` or `/api/generate` body is Ollama's "load (or unload) the model" call.
+
+    That is a chat with `messages: []`, or a generate with no prompt, system, template or
+    images; `ollama run` sends one before the first prompt. An OpenAI-compatible upstream has
+    nothing to load and would refuse an empty conversation, so the gateway answers it itself.
+    """
+    if not isinstance(body, dict):
+        return False
+    if not generate:
+        return body.get("messages") == []
+    return not any(body.get(k) for k in ("prompt", "system", "template", "images"))
+
+
+def ollama_load_response(body: dict, model: str, generate: bool = False) -> dict:
+    """Ollama's answer to a load call: done at once, `done_reason` `load` (`unload` for keep_alive 0)."""
+    keep_alive = body.get("keep_alive") if isinstance(body, dict) else None
+    unload = keep_alive in (0, "0", "0s", "0m")
+    out: dict[str, Any] = {"model": model, "created_at": _ollama_timestamp()}
+    if generate:
+        out["response"] = ""
+    else:
+        out["message"] = {"role": "assistant", "content": ""}
+    out["done"] = True
+    out["done_reason"] = "unload" if unload else "load"
+    return out
+
+
 class ChatToOllamaStream:
     """Turns OpenAI chat.completion.chunk objects into Ollama NDJSON lines, one chunk at a time.
 

@@ -23,6 +23,8 @@ from providers.translate import (
     ollama_chat_to_chat_request,
     ollama_embed_to_embeddings_request,
     ollama_generate_to_chat_request,
+    ollama_load_request,
+    ollama_load_response,
     ollama_show_response,
     ollama_tags_entry,
 )
@@ -432,3 +434,28 @@ def test_num_predict_zero_and_odd_usage_values_are_harmless():
     resp = {"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "many", "completion_tokens": None}}
     out = chat_to_ollama_chat_response(resp, "m")
     assert (out["prompt_eval_count"], out["eval_count"]) == (0, 0)
+
+
+@pytest.mark.parametrize("body, generate, expected", [
+    ({"model": "m", "messages": []}, False, True),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, False, False),
+    ({"model": "m"}, False, False),  # no messages at all is a bad request, not a load
+    ({"model": "m"}, True, True),
+    ({"model": "m", "prompt": ""}, True, True),
+    ({"model": "m", "prompt": "hi"}, True, False),
+    ({"model": "m", "system": "be brief"}, True, False),
+    ({"model": "m", "images": ["iVBORw0KGgo="]}, True, False),
+    ("not a dict", True, False),
+])
+def test_ollama_load_request_recognises_only_the_load_call(body, generate, expected):
+    assert ollama_load_request(body, generate) is expected
+
+
+def test_ollama_load_response_says_load_or_unload_in_the_right_shape():
+    chat = ollama_load_response({"model": "m", "messages": []}, "p:m")
+    assert chat["message"] == {"role": "assistant", "content": ""} and "response" not in chat
+    assert (chat["model"], chat["done"], chat["done_reason"]) == ("p:m", True, "load")
+    assert RFC3339_Z.match(chat["created_at"])
+    gen = ollama_load_response({"model": "m", "keep_alive": 0}, "p:m", generate=True)
+    assert gen["response"] == "" and "message" not in gen and gen["done_reason"] == "unload"
+    assert ollama_load_response({"keep_alive": "5m"}, "p:m")["done_reason"] == "load"
