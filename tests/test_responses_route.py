@@ -393,3 +393,159 @@ def test_namespaced_tool_call_comes_back_with_its_namespace(harness):
     item = next(d["item"] for _, d in frames if d["type"] == "response.output_item.done")
     assert (item["type"], item["namespace"], item["name"], item["call_id"]) == \
         ("function_call", "mcp__fs", "read_file", "call_r1")
+
+
+# -- failures mid-stream: the stream always ends with response.completed or response.failed ---
+
+
+def _chunk_line(chunk: dict) -> bytes:
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def _reset_after_text():
+    yield _chunk_line(chat_chunks(["partial"])[0]) + _chunk_line(chat_chunks(["partial"])[1])
+    raise ConnectionResetError("upstream died")
+
+
+async def _not_json_after_text():
+    yield _chunk_line(chat_chunks(["partial"])[1])
+    yield b"data: {not json\n\n"
+
+
+async def _error_event_after_text():
+    yield _chunk_line(chat_chunks(["partial"])[1])
+    yield b'data: {"error": {"message": "model overloaded", "type": "server_error"}}\n\n'
+
+
+async def _reset_before_any_chunk():
+    yield b": opening\n\n"
+    raise ConnectionResetError("upstream died")
+
+
+@pytest.mark.parametrize("body", [_reset_after_text, _not_json_after_text, _error_event_after_text,
+                                  _reset_before_any_chunk],
+                         ids=["reset_after_text", "event_not_json", "error_event", "reset_before_first_chunk"])
+def test_bridge_stream_upstream_failure_ends_with_response_failed(harness, body):
+    async def handler(req):
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url + "/v1")])
+    r, raw = post_stream(url, {"model": "mock:m", "input": "hi", "stream": True})
+    assert r.status_code == 200
+    failed = check_responses_stream(sse_frames(raw))
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["code"] == "server_error" and failed["response"]["error"]["message"]
+
+    with client(url).responses.stream(model="mock:m", input="hi") as s:
+        events = list(s)
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.id == events[0].response.id
+
+
+def test_bridge_stream_cut_without_finish_or_done_still_ends_with_response_completed(harness):
+    async def handler(req):
+        async def body():
+            for c in chat_chunks(["Hel", "lo"])[:3]:  # no finish_reason, no usage, no [DONE]
+                yield _chunk_line(c)
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url + "/v1")])
+    _, raw = post_stream(url, {"model": "mock:m", "input": "hi", "stream": True})
+    completed = check_responses_stream(sse_frames(raw))
+    assert completed["type"] == "response.completed"
+    assert completed["response"]["output"][0]["content"][0]["text"] == "Hello"
+
+
+def _passthrough_died_mid_event():
+    frames = responses_sse(responses_events())
+    async def body():
+        yield b"".join(frames[:5])
+        yield frames[5][:25]  # half of the next event, then the connection drops
+        raise ConnectionResetError("upstream died")
+    return body
+
+
+def _passthrough_died_at_boundary():
+    frames = responses_sse(responses_events())
+    async def body():
+        yield b"".join(frames[:5])
+        raise ConnectionResetError("upstream died")
+    return body
+
+
+def _passthrough_ended_without_terminal():
+    frames = responses_sse(responses_events())
+    async def body():
+        yield b"".join(frames[:-1])  # a clean end of body, but no response.completed
+    return body
+
+
+def _passthrough_died_before_any_event():
+    async def body():
+        yield b": hello\n\n"
+        raise ConnectionResetError("upstream died")
+    return body
+
+
+@pytest.mark.parametrize("make_body", [_passthrough_died_mid_event, _passthrough_died_at_boundary,
+                                       _passthrough_ended_without_terminal, _passthrough_died_before_any_event],
+                         ids=["mid_event", "at_event_boundary", "clean_end_without_terminal", "before_any_event"])
+def test_passthrough_stream_upstream_dies_ends_with_valid_response_failed(harness, make_body):
+    async def handler(req):
+        return MockResponse(200, make_body()(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([provider("oai", up.url + "/v1", responses_api=True)])
+    r, raw = post_stream(url, {"model": "oai:gpt-4.1", "input": "hi", "stream": True})
+    assert r.status_code == 200
+    frames = sse_frames(raw)
+    failed = check_responses_stream(frames)
+    assert failed["type"] == "response.failed"
+    assert failed["response"]["status"] == "failed" and failed["response"]["error"]["message"]
+    if len(frames) > 2:  # the upstream's own response.created came through: its id is kept
+        assert failed["response"]["id"] == "resp_up1"
+
+    with client(url).responses.stream(model="oai:gpt-4.1", input="hi") as s:
+        events = list(s)
+        with pytest.raises(RuntimeError, match="response.completed"):
+            s.get_final_response()
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.error.message == failed["response"]["error"]["message"]
+
+
+# -- the passthrough watcher on its own --------------------------------------------------------
+
+
+def test_responses_relay_at_every_split_point_relays_whole_events_unchanged():
+    import evo_gateway
+    stream = b": c\n\n" + b"".join(responses_sse(responses_events()))
+    stream_crlf = stream.replace(b"\n", b"\r\n")
+    for data in (stream, stream_crlf):
+        sep = b"\r\n\r\n" if data is stream_crlf else b"\n\n"
+        for cut in range(1, len(data)):
+            relay = evo_gateway.ResponsesRelay("m")
+            out = [relay.feed(data[:cut]), relay.feed(data[cut:])]
+            assert b"".join(out) + relay.held() == data
+            assert all(not piece or piece.endswith(sep) for piece in out)
+            assert relay.is_finished
+    byte_by_byte = evo_gateway.ResponsesRelay("m")
+    assert b"".join(byte_by_byte.feed(stream[i:i + 1]) for i in range(len(stream))) == stream
+
+
+def test_responses_relay_failed_frames_continue_the_relayed_response():
+    import evo_gateway
+    frames = responses_sse(responses_events())
+    relay = evo_gateway.ResponsesRelay("gpt-4.1")
+    relayed = relay.feed(b"".join(frames[:-2]) + frames[-2][:10])  # up to output_text.done + a fragment
+    assert not relay.is_finished
+    tail = relay.failed_frames("upstream died")
+    parsed = sse_frames(relayed + tail)
+    failed = check_responses_stream(parsed)
+    assert failed["response"]["id"] == "resp_up1"
+    assert failed["response"]["output"] == []  # no item was finished
+    assert failed["sequence_number"] == 8 and failed["response"]["error"]["message"] == "upstream died"
+
+    fresh = evo_gateway.ResponsesRelay("gpt-4.1")
+    parsed = sse_frames(fresh.failed_frames("refused"))
+    assert [d["type"] for _, d in parsed] == ["response.created", "response.failed"]
+    assert check_responses_stream(parsed)["response"]["model"] == "gpt-4.1"
