@@ -549,3 +549,116 @@ def test_responses_relay_failed_frames_continue_the_relayed_response():
     parsed = sse_frames(fresh.failed_frames("refused"))
     assert [d["type"] for _, d in parsed] == ["response.created", "response.failed"]
     assert check_responses_stream(parsed)["response"]["model"] == "gpt-4.1"
+
+
+# -- Responses to an Anthropic provider: bridged twice ----------------------------------------
+
+
+def anthropic_sse(*events: dict) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+def anthropic_patch_answer() -> bytes:
+    patch_json = json.dumps({"input": PATCH})
+    return anthropic_sse(
+        {"type": "message_start", "message": {
+            "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 120, "output_tokens": 1, "cache_read_input_tokens": 20}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "A README."}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "I'll add it."}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "ping"},
+        {"type": "content_block_start", "index": 2, "content_block": {
+            "type": "tool_use", "id": "toolu_01", "name": "apply_patch", "input": {}}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta",
+                                                              "partial_json": patch_json[:12]}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta",
+                                                              "partial_json": patch_json[12:]}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"output_tokens": 42}},
+        {"type": "message_stop"},
+    )
+
+
+def anthropic_rule_violation(body: dict) -> str | None:
+    """The Anthropic check a thinking + tool-use loop trips (a 400 on the real API)."""
+    if body.get("thinking", {}).get("type") != "enabled":
+        return None
+    last = next((m for m in reversed(body["messages"]) if m["role"] == "assistant"), None)
+    if last and any(b["type"] == "tool_use" for b in last["content"]) and last["content"][0]["type"] != "thinking":
+        return ("messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found `tool_use`. "
+                "When `thinking` is enabled, a final `assistant` message must start with a thinking block")
+    return None
+
+
+def test_codex_turns_to_anthropic_provider_bridged_twice(harness):
+    seen: list = []
+
+    async def handler(req):
+        body = req.json()
+        seen.append((req.path, body, req.headers))
+        problem = anthropic_rule_violation(body)
+        if problem:
+            return MockResponse(400, {"type": "error", "error": {"type": "invalid_request_error", "message": problem}})
+        return MockResponse(200, anthropic_patch_answer(), content_type="text/event-stream")
+    up = harness.upstream(handler)
+    url = harness.start([provider("anthropic", up.url + "/v1", provider_type="anthropic",
+                                  api_key_envs=["ANTHROPIC_KEY"])], environ={"ANTHROPIC_KEY": "sk-ant-test"})
+    first = codex_body("anthropic:claude-x")
+    first["input"] = first["input"][:3]  # developer, environment, user: the opening request of a turn
+    r, raw = post_stream(url, first, CODEX_HEADERS)
+    assert r.status_code == 200
+
+    path, body, headers = seen[0]
+    assert path == "/v1/messages"
+    assert headers["x-api-key"] == "sk-ant-test" and "authorization" not in headers
+    assert body["model"] == "claude-x" and body["stream"] is True
+    assert body["thinking"]["type"] == "enabled"  # reasoning.effort medium
+    assert body["max_tokens"] > body["thinking"]["budget_tokens"]
+    assert "workspace-write" in body["system"]
+    assert [t["name"] for t in body["tools"]] == ["shell", "apply_patch", "mcp__fs__read_file"]
+    assert body["tools"][1]["input_schema"]["required"] == ["input"]
+    assert [m["role"] for m in body["messages"]] == ["user"]
+
+    frames = sse_frames(raw)
+    completed = check_responses_stream(frames)
+    assert completed["type"] == "response.completed"
+    items = completed["response"]["output"]
+    assert [i["type"] for i in items] == ["message", "custom_tool_call"]  # thinking text is not relayed
+    assert items[0]["content"][0]["text"] == "I'll add it."
+    assert (items[1]["call_id"], items[1]["name"], items[1]["input"]) == ("toolu_01", "apply_patch", PATCH)
+    usage = completed["response"]["usage"]
+    assert usage["output_tokens"] == 42 and usage["input_tokens"] >= 120
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+    # The next request of the tool loop: the call and its output go back, with the Anthropic id.
+    follow = dict(first, input=first["input"] + items + [
+        {"type": "custom_tool_call_output", "id": "ctco_1", "call_id": "toolu_01", "output": "Done!"}])
+    r, raw = post_stream(url, follow, CODEX_HEADERS)
+    assert r.status_code == 200, raw
+    assert check_responses_stream(sse_frames(raw))["type"] == "response.completed"
+    _, body2, _ = seen[1]
+    assert "thinking" not in body2  # chat history cannot carry the signed thinking block Anthropic wants
+    assert [m["role"] for m in body2["messages"]] == ["user", "assistant", "user"]
+    text, tool_use = body2["messages"][1]["content"]
+    assert text == {"type": "text", "text": "I'll add it."}
+    assert (tool_use["id"], tool_use["name"], tool_use["input"]) == ("toolu_01", "apply_patch", {"input": PATCH})
+    assert body2["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "Done!"}]
+
+
+def test_sdk_responses_create_non_stream_to_anthropic_provider(harness):
+    async def handler(req):
+        return MockResponse(200, {"id": "msg_02", "type": "message", "role": "assistant", "model": "claude-x",
+                                  "content": [{"type": "text", "text": "Bonjour"}], "stop_reason": "end_turn",
+                                  "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 3}})
+    up = harness.upstream(handler)
+    url = harness.start([provider("anthropic", up.url + "/v1", provider_type="anthropic")])
+    r = client(url).responses.create(model="anthropic:claude-x", instructions="French only.", input="hello")
+    assert r.output_text == "Bonjour"
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (9, 3, 12)
