@@ -270,6 +270,36 @@ def test_passthrough_rewrites_only_model_and_relays_stream_byte_for_byte(harness
     assert final.id == "resp_up1" and final.usage.total_tokens == 13
 
 
+async def _json_answer(obj: dict) -> MockResponse:
+    return MockResponse(200, obj)
+
+
+def test_passthrough_non_stream_relays_upstream_json(harness):
+    completed = responses_events()[-1]["response"]
+    up = harness.upstream(lambda req: _json_answer(completed))
+    url = harness.start([provider("oai", up.url + "/v1", responses_api=True)])
+    r = client(url).responses.create(model="oai:gpt-4.1", input="hi")
+    assert (r.id, r.output_text, r.usage.total_tokens) == ("resp_up1", "Hi there", 13)
+    assert up.requests[0].path == "/v1/responses" and up.requests[0].json()["model"] == "gpt-4.1"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non_stream", "stream"])
+def test_bridge_upstream_429_before_the_stream_is_an_http_429(harness, stream):
+    async def handler(req):
+        return MockResponse(429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                            headers=[("retry-after", "3")])
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url + "/v1")])
+    with pytest.raises(openai.RateLimitError) as e:
+        if stream:
+            with client(url).responses.stream(model="mock:m", input="hi") as s:
+                list(s)
+        else:
+            client(url).responses.create(model="mock:m", input="hi")
+    assert e.value.response.headers["retry-after"] == "3"
+    assert "slow down" in e.value.message
+
+
 # -- a Codex-shaped request --------------------------------------------------------------------
 
 SHELL_TOOL = {"type": "function", "name": "shell", "description": "Runs a shell command and returns its output.",
