@@ -1424,7 +1424,7 @@ def error_reply(dialect: str, err: GatewayError) -> Reply:
     return json_reply(error_body(dialect, err), err.status, [(n.encode(), v.encode()) for n, v in err.headers])
 
 
-def stream_error_frame(kind: str, err: GatewayError) -> bytes:
+def stream_error_frame(kind: str, err: GatewayError, relay: ResponsesRelay | None = None) -> bytes:
     """The final in-band error event for a relayed stream of `kind` (after a 200 was sent)."""
     if kind in OLLAMA_KINDS:
         return json.dumps({"error": err.message}).encode() + b"\n"
@@ -1432,12 +1432,47 @@ def stream_error_frame(kind: str, err: GatewayError) -> bytes:
         payload = json.dumps(error_body("anthropic", err))
         return b"\n\nevent: error\ndata: " + payload.encode() + b"\n\n"
     if kind == "responses":
-        payload = json.dumps({"type": "response.failed", "response": {
-            "id": "resp_failed", "object": "response", "status": "failed",
-            "error": {"code": "server_error", "message": err.message}, "output": []}})
-        return b"\n\nevent: response.failed\ndata: " + payload.encode() + b"\n\n"
+        return (relay or ResponsesRelay()).failed_frames(err.message)
     payload = json.dumps(error_body("openai", err))
     return b"\n\ndata: " + payload.encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def _last_event_end(data: bytes) -> int:
+    """Where the last complete SSE event in `data` ends (0 if none): after its blank line."""
+    end = 0
+    for blank_line in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = data.rfind(blank_line)
+        if i >= 0:
+            end = max(end, i + len(blank_line))
+    return end
+
+
+async def _whole_frames(chunks: AsyncIterator[bytes], ndjson: bool) -> AsyncIterator[bytes]:
+    """A relayed stream passed on in whole SSE events (or NDJSON lines), bytes unchanged.
+
+    A partial frame is of no use to a client and is held until it completes; so when the
+    upstream fails mid-frame, the error event that follows starts on a boundary and every
+    frame the client got parses.
+    """
+    held = b""
+    try:
+        async for chunk in chunks:
+            data = held + chunk if held else chunk
+            if ndjson:
+                end = data.rfind(b"\n") + 1
+            elif data.endswith(b"\n\n"):
+                end = len(data)  # the usual case: the chunk ends on an event boundary
+            else:
+                end = _last_event_end(data)
+            if end <= 0:
+                held = data
+                continue
+            held = data[end:]
+            yield data[:end]
+        if held:
+            yield held
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 class ChatStream:
@@ -1455,6 +1490,83 @@ class ChatStream:
     def fail(self, message: str) -> list[bytes]:
         err = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
         return [b"data: " + json.dumps(err).encode() + b"\n\n", b"data: [DONE]\n\n"]
+
+
+class ResponsesRelay:
+    """Watches a relayed Responses SSE stream so that a broken upstream still ends it properly.
+
+    Bytes go out unchanged, but in whole events only: a trailing partial event is held until
+    its blank line arrives, because half a JSON line followed by an error frame would break
+    the client's parser. It keeps the `response` object of the first lifecycle event, the
+    items finished so far and the next `sequence_number`, so `failed_frames` can end the stream
+    with a `response.failed` the openai SDK accepts (same response id, next sequence number;
+    preceded by `response.created` if none went out) and Codex reads as a failed turn.
+    `is_finished` tells whether the upstream's own terminal event went by.
+    """
+
+    _TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
+
+    def __init__(self, model: str = "") -> None:
+        self.model = model
+        self.is_finished = False
+        self._decoder = SSEDecoder()
+        self._held = b""
+        self._response: dict | None = None
+        self._items: dict[int, Any] = {}
+        self._next_seq = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes that are safe to relay now (whole events); the rest is held."""
+        data = self._held + chunk if self._held else chunk
+        end = _last_event_end(data)
+        ready, self._held = data[:end], data[end:]
+        if ready:
+            self._observe(ready)
+        return ready
+
+    def held(self) -> bytes:
+        """What is still held at a clean end of the upstream body (an unterminated last event)."""
+        rest, self._held = self._held, b""
+        return rest
+
+    def _observe(self, data: bytes) -> None:
+        for _, text in self._decoder.feed(data):
+            try:
+                event = json.loads(text)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            seq = event.get("sequence_number")
+            self._next_seq = seq + 1 if isinstance(seq, int) and seq >= self._next_seq else self._next_seq + 1
+            etype = event.get("type")
+            if self._response is None and isinstance(event.get("response"), dict):
+                self._response = event["response"]
+            elif etype == "response.output_item.done" and isinstance(event.get("output_index"), int):
+                self._items[event["output_index"]] = event.get("item")
+            if etype in self._TERMINAL:
+                self.is_finished = True
+
+    def _frame(self, etype: str, **fields: Any) -> bytes:
+        data = dict(type=etype, sequence_number=self._next_seq, **fields)
+        self._next_seq += 1
+        return f"event: {etype}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+    def failed_frames(self, message: str) -> bytes:
+        """`response.failed` (after a `response.created` if the client has seen none) for `message`."""
+        out = b""
+        response = self._response
+        if response is None:
+            response = {"id": "resp_" + secrets.token_hex(12), "object": "response", "created_at": int(time.time()),
+                        "status": "in_progress", "error": None, "incomplete_details": None, "instructions": None,
+                        "metadata": {}, "model": self.model, "output": [], "parallel_tool_calls": True,
+                        "temperature": None, "tool_choice": "auto", "tools": [], "top_p": None, "usage": None}
+            out += self._frame("response.created", response=response)
+        output = [self._items[i] for i in sorted(self._items)]
+        failed = dict(response, status="failed", output=output,
+                      error={"code": "server_error", "message": message})
+        self.is_finished = True
+        return out + self._frame("response.failed", response=failed)
 
 
 class Router:
@@ -1625,9 +1737,33 @@ class Gateway:
             reply = await provider.forward(kind, body, ctx)
             if isinstance(reply.body, bytes):
                 return reply
-            reply.error_frame = functools.partial(stream_error_frame, kind)
+            if kind == "responses" and reply.sse:
+                relay = ResponsesRelay(ctx.model)
+                reply.body = self._relay_responses(reply.body, relay, ctx)
+                reply.error_frame = functools.partial(stream_error_frame, kind, relay=relay)
+            else:
+                reply.body = _whole_frames(reply.body, kind in OLLAMA_KINDS)
+                reply.error_frame = functools.partial(stream_error_frame, kind)
             return reply
         return await self._bridge(kind, provider, body, model, stream, ctx)
+
+    @staticmethod
+    async def _relay_responses(chunks: AsyncIterator[bytes], relay: ResponsesRelay,
+                               ctx: RequestContext) -> AsyncIterator[bytes]:
+        """A relayed Responses stream, in whole events, that never just stops."""
+        try:
+            async for chunk in chunks:
+                ready = relay.feed(chunk)
+                if ready:
+                    yield ready
+            rest = relay.held()
+            if rest and relay.is_finished:
+                yield rest
+            if not relay.is_finished:  # the client is owed a terminal event
+                raise GatewayError(502, f"provider '{ctx.provider}' ended the stream before "
+                                        "response.completed", "upstream")
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _bridge(self, kind: str, provider: Provider, body: dict, client_model: str, stream: bool,
                       ctx: RequestContext) -> Reply:

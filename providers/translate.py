@@ -876,6 +876,11 @@ def chat_to_anthropic_request(body: dict) -> dict:
             out["tool_choice"] = ant_choice
 
     budget = _ANT_EFFORT_BUDGET.get(body.get("reasoning_effort"))  # type: ignore[arg-type]
+    last_assistant = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
+    if last_assistant and any(b.get("type") == "tool_use" for b in last_assistant["content"]):
+        # With thinking on, Anthropic wants the last assistant turn of a tool loop to start with
+        # its signed thinking block, which chat history cannot carry: think on the next turn instead.
+        budget = None
     if budget:
         # Anthropic: budget < max_tokens, default temperature, no forced tool choice with thinking.
         if out["max_tokens"] <= budget:
