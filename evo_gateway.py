@@ -1078,6 +1078,8 @@ def parse_keys_file(path: str, text: str) -> dict[str, Any]:
         doc = json.loads(text)
     except ValueError as exc:
         raise KeyFileError(path, f"not valid JSON ({exc})") from None
+    except RecursionError:  # `[[[[...` deeper than the parser's stack: not a keys file either
+        raise KeyFileError(path, "not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise KeyFileError(path, f"expected a JSON object {{\"keys\": [...]}}, found {_json_type(doc)}")
     if "keys" not in doc:
@@ -1245,6 +1247,10 @@ class KeyStore:
         except KeyFileError as exc:
             log.error("gateway keys file %s; keeping the %d key(s) last loaded", exc, len(self._digests))
             return
+        except Exception:  # never let a surprise stop the ticker that calls us (deadlines, reloads)
+            log.exception("gateway keys file %s: cannot load; keeping the %d key(s) last loaded", self.path,
+                          len(self._digests))
+            return
         self._digests = [(bytes.fromhex(e["key_hash"]), e["name"]) for e in doc["keys"]]
         log.info("gateway keys file %s: %d key(s) loaded", self.path, len(self._digests))
 
@@ -1269,6 +1275,24 @@ class KeyStore:
     def missing_keys_hint(self) -> str:
         """The exact command that creates a key in the file this store reads (its absolute path)."""
         return f"{_cli_command()} auth generate --name NAME --keys {shlex.quote(os.path.abspath(self.path))}"
+
+
+def enable_auth(gateway: Any, environ: Mapping[str, str] | None = None) -> KeyStore | None:
+    """Give `gateway` a `KeyStore` when `EVO_GATEWAY_AUTH` is on; returns it, or None when auth is off.
+
+    With no usable key, say so loudly with the command that creates one: the gateway still starts
+    and answers `/health`, and refuses everything else with the same hint.
+    """
+    if not auth_enabled(environ):
+        return None
+    store = KeyStore(keys_path(None, environ))
+    gateway.auth = store
+    if store.is_empty:
+        log.warning("!!! %s is on but %s holds no usable key: every request except /health is refused "
+                    "(401). Create a key with: %s", AUTH_ENV, os.path.abspath(store.path), store.missing_keys_hint())
+    else:
+        log.info("gateway API keys required: %d key(s) in %s", len(store), os.path.abspath(store.path))
+    return store
 
 
 def _presented_keys(headers: Mapping[str, str]) -> list[str]:
@@ -2337,15 +2361,7 @@ def serve_main(config_file: str | None = None, host: str | None = None, port: in
 async def _serve(config: Config, path: str, host: str, port: int) -> int:
     loop = asyncio.get_event_loop()
     gateway = Gateway(config)
-    if auth_enabled():
-        store = KeyStore(keys_path(None))
-        store.refresh()
-        gateway.auth = store
-        if store.is_empty:
-            log.warning("!!! EVO_GATEWAY_AUTH is on but %s holds no keys: every request will be refused. "
-                        "Create a key with: %s", store.path, store.missing_keys_hint())
-        else:
-            log.info("authentication enabled (%d keys in %s)", len(store), store.path)
+    enable_auth(gateway)
     server = Server(gateway, config.server, path)
     try:
         bound = await server.start(host, port)
