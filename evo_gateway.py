@@ -1210,6 +1210,7 @@ class KeyStore:
         self._digests: list[tuple[bytes, str]] = []   # (digest, name), in file order
         self._signature: tuple[int, int, int] | None = None  # (mtime_ns, size, inode); None: missing
         self._loaded = False
+        self.problem = ""  # why the file on disk is not in force, while it is not; else ""
         self.refresh()
 
     @property
@@ -1241,16 +1242,20 @@ class KeyStore:
             if self._digests:
                 log.warning("gateway keys file %s is gone: no key is accepted now", self.path)
             self._digests = []
+            self.problem = ""
             return
         try:
             doc = read_keys_file(self.path)
         except KeyFileError as exc:
             log.error("gateway keys file %s; keeping the %d key(s) last loaded", exc, len(self._digests))
+            self.problem = exc.problem
             return
-        except Exception:  # never let a surprise stop the ticker that calls us (deadlines, reloads)
+        except Exception as exc:  # never let a surprise stop the ticker that calls us (deadlines, reloads)
             log.exception("gateway keys file %s: cannot load; keeping the %d key(s) last loaded", self.path,
                           len(self._digests))
+            self.problem = f"cannot load: {exc!r}"
             return
+        self.problem = ""
         self._digests = [(bytes.fromhex(e["key_hash"]), e["name"]) for e in doc["keys"]]
         log.info("gateway keys file %s: %d key(s) loaded", self.path, len(self._digests))
 
@@ -1508,7 +1513,10 @@ class Gateway:
         store = self.auth
         name = store.authenticate(headers)
         if name is None:
-            if store.is_empty:
+            if store.is_empty and store.problem:
+                message = ("gateway API keys are required (EVO_GATEWAY_AUTH is on) but the keys file is unusable "
+                           f"({store.problem}); fix or remove it, then create a key with: {store.missing_keys_hint()}")
+            elif store.is_empty:
                 message = ("gateway API keys are required (EVO_GATEWAY_AUTH is on) but none exists yet; "
                            f"create one with: {store.missing_keys_hint()}")
             else:

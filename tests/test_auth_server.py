@@ -187,6 +187,16 @@ def test_ollama_client_with_bearer_header_is_accepted(gateway, keys):
     assert_no_gateway_key_upstream(seen[0], key)
 
 
+def test_ollama_client_sends_ollama_api_key_from_its_environment(gateway, keys, monkeypatch):
+    url, seen = gateway
+    key = generate(keys, "ollama-env")
+    wait_for_status(url, key, 200)
+    monkeypatch.setenv("OLLAMA_API_KEY", key)  # the official client turns it into Authorization: Bearer
+    r = ollama.Client(host=url, timeout=20).chat(model="mock:gpt-test", messages=MSG, stream=False)
+    assert r.message.content == "Hello!"
+    assert_no_gateway_key_upstream(seen[0], key)
+
+
 def test_codex_style_responses_request_with_bearer_key_is_accepted(gateway, keys):
     url, seen = gateway
     key = generate(keys, "codex")
@@ -323,6 +333,21 @@ def test_auth_on_without_keys_starts_warns_and_refuses_all_with_the_create_comma
     wait_for_status(url, key, 200)
 
 
+def test_malformed_keys_file_at_start_refuses_all_and_says_the_file_is_unusable(harness, keys, caplog):
+    keys.write_text('{"keys": {"alice": "x"}}')
+    up = harness.upstream(chat_handler([]))
+    caplog.set_level(logging.WARNING, logger="evo_gateway")
+    url = harness.start([provider("mock", up.url + "/v1")], environ=auth_env(keys))
+    assert any(r.levelno == logging.ERROR and str(keys) in r.getMessage() for r in caplog.records)
+    r = get(url, "/v1/models", {"authorization": "Bearer evo-x"})
+    assert r.status_code == 401
+    message = r.json()["error"]["message"]
+    assert "unusable" in message and '"keys" must be a list' in message and f"--keys {keys}" in message
+    keys.unlink()  # once fixed (here: removed, then a key created), the hint's command works
+    key = generate(keys, "alice")
+    wait_for_status(url, key, 200)
+
+
 def test_malformed_keys_file_keeps_the_last_good_keys_and_logs_the_error(gateway, keys, caplog):
     url, _ = gateway
     alice = generate(keys, "alice")
@@ -399,6 +424,7 @@ def test_real_serve_process_enforces_keys_and_follows_the_cli_live(harness, tmp_
     seen: list = []
     up = harness.upstream(chat_handler(seen))
     keys = tmp_path / "auth.json"
+    other = harness.start([provider("mock", up.url + "/v1")], environ=auth_env(keys))  # a second gateway, same file
     config = tmp_path / "gateway.json"
     config.write_text(json.dumps({"server": {"host": "127.0.0.1", "port": 0}, "providers": [
         provider("mock", up.url + "/v1", api_key_envs=["UP_KEY"])]}))
@@ -448,8 +474,10 @@ def test_real_serve_process_enforces_keys_and_follows_the_cli_live(harness, tmp_
 
         bob = generate(keys, "bob")
         wait_for_status(url, bob, 200)
+        wait_for_status(other, bob, 200)
         revoke(keys, "alice")
         wait_for_status(url, alice, 401)
+        wait_for_status(other, alice, 401)
         assert get(url, "/v1/models", {"x-api-key": bob}).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
