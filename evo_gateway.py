@@ -1293,8 +1293,10 @@ def enable_auth(gateway: Any, environ: Mapping[str, str] | None = None) -> KeySt
     store = KeyStore(keys_path(None, environ))
     gateway.auth = store
     if store.is_empty:
-        log.warning("!!! %s is on but %s holds no usable key: every request except /health is refused "
-                    "(401). Create a key with: %s", AUTH_ENV, os.path.abspath(store.path), store.missing_keys_hint())
+        state = ("does not exist" if not os.path.exists(store.path) else
+                 f"is unusable ({store.problem})" if store.problem else "holds no keys")
+        log.warning("!!! %s is on but the keys file %s %s: every request except /health is refused (401). "
+                    "Create a key with: %s", AUTH_ENV, os.path.abspath(store.path), state, store.missing_keys_hint())
     else:
         log.info("gateway API keys required: %d key(s) in %s", len(store), os.path.abspath(store.path))
     return store
