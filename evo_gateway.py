@@ -2055,7 +2055,12 @@ class HttpConnection(asyncio.Protocol):
                     raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
                                        headers=[("allow", allow)])
             if gateway.auth is not None and kind != "health":
-                key_name = gateway.authenticate(headers)
+                try:
+                    key_name = gateway.authenticate(headers)
+                except GatewayError as e:
+                    if not await self._discard_body(headers):
+                        raise _CloseAfter(e) from None  # body left unread: say the connection closes
+                    raise
             if route[0] == "POST":
                 raw = await self._read_body(headers, expect_json=True)
                 reply = await gateway.handle_post(kind, dialect, raw, ctx)
@@ -2078,6 +2083,38 @@ class HttpConnection(asyncio.Protocol):
             await self._send_reply(reply, request_id, ctx)
         finally:
             self._log_request(ctx, method, path, status, key_name)
+
+    async def _discard_body(self, headers: dict[str, str]) -> bool:
+        """Read and drop the body of a request refused from its head; True when it was read to its end.
+
+        Closing with the body unread would reset the connection and the client would lose the
+        reply, and a reply without `Connection: close` on a connection about to close makes
+        clients reuse it. Bounded by `max_body_bytes` and `head_timeout_s` (the ticker aborts a
+        slow sender); a client waiting for `100 Continue` sends no body and is not waited for.
+        """
+        conn = self.conn
+        if conn.their_state is not h11.SEND_BODY:
+            return True
+        length = headers.get("content-length", "")
+        budget = self.limits.max_body_bytes
+        if conn.they_are_waiting_for_100_continue or (length.isdigit() and int(length) > budget):
+            return False
+        self.deadline = time.monotonic() + self.limits.head_timeout_s
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    await self._wait_for_data()
+                elif isinstance(event, h11.Data):
+                    budget -= len(event.data)
+                    if budget < 0:
+                        return False
+                else:
+                    return isinstance(event, h11.EndOfMessage)
+        except (h11.RemoteProtocolError, ConnectionError):
+            return False
+        finally:
+            self.deadline = None
 
     async def _read_body(self, headers: dict[str, str], expect_json: bool) -> bytes:
         limit = self.limits.max_body_bytes

@@ -281,20 +281,41 @@ def test_health_is_open_and_metrics_needs_a_key(gateway, keys):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
 
 
-def test_wrong_key_with_a_large_body_still_gets_the_401_and_the_next_request_works(gateway, keys):
+def test_wrong_key_with_a_large_body_gets_the_401_and_the_connection_stays_usable(gateway, keys):
     url, seen = gateway
     key = generate(keys, "alice")
     wait_for_status(url, key, 200)
-    big = json.dumps({"model": "mock:gpt-test", "messages": [{"role": "user", "content": "x" * 4_000_000}]}).encode()
+    big = json.dumps({"model": "mock:gpt-test", "messages": [{"role": "user", "content": "x" * 2_000_000}]}).encode()
     with httpx.Client(timeout=20) as c:
-        r = c.post(url + "/v1/chat/completions", content=big,
-                   headers={"content-type": "application/json", "authorization": "Bearer evo-wrong"})
-        assert r.status_code == 401
-        assert r.json()["error"]["type"] == "authentication_error"
-        r = c.post(url + "/v1/chat/completions", json={"model": "mock:gpt-test", "messages": MSG},
-                   headers={"authorization": f"Bearer {key}"})
-        assert r.status_code == 200
-    assert len(seen) == 1
+        for _ in range(8):  # the refused body is read and dropped: no reset, and the next request reuses the connection
+            r = c.post(url + "/v1/chat/completions", content=big,
+                       headers={"content-type": "application/json", "authorization": "Bearer evo-wrong"})
+            assert r.status_code == 401
+            assert r.json()["error"]["type"] == "authentication_error"
+            assert r.headers.get("connection") != "close"
+            r = c.post(url + "/v1/chat/completions", json={"model": "mock:gpt-test", "messages": MSG},
+                       headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 200
+    assert len(seen) == 8
+
+
+def test_wrong_key_with_expect_100_continue_gets_401_without_continue_and_connection_close(gateway, keys):
+    url, seen = gateway
+    wait_for_status(url, generate(keys, "alice"), 200)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000\r\nExpect: 100-continue\r\nx-api-key: evo-wrong\r\n\r\n")
+        data = b""
+        for _ in range(100):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 401") and b"100 continue" not in data.lower()
+    assert b"connection: close" in head and b"www-authenticate: bearer" in head
+    assert seen == []
 
 
 # -- live key changes ------------------------------------------------------------------------------
