@@ -1147,6 +1147,8 @@ def parse_keys_file(path: str, text: str) -> dict[str, Any]:
         doc = json.loads(text)
     except ValueError as exc:
         raise KeyFileError(path, f"not valid JSON ({exc})") from None
+    except RecursionError:  # `[[[[...` deeper than the parser's stack: not a keys file either
+        raise KeyFileError(path, "not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise KeyFileError(path, f"expected a JSON object {{\"keys\": [...]}}, found {_json_type(doc)}")
     if "keys" not in doc:
@@ -1277,6 +1279,7 @@ class KeyStore:
         self._digests: list[tuple[bytes, str]] = []   # (digest, name), in file order
         self._signature: tuple[int, int, int] | None = None  # (mtime_ns, size, inode); None: missing
         self._loaded = False
+        self.problem = ""  # why the file on disk is not in force, while it is not; else ""
         self.refresh()
 
     @property
@@ -1308,12 +1311,20 @@ class KeyStore:
             if self._digests:
                 log.warning("gateway keys file %s is gone: no key is accepted now", self.path)
             self._digests = []
+            self.problem = ""
             return
         try:
             doc = read_keys_file(self.path)
         except KeyFileError as exc:
             log.error("gateway keys file %s; keeping the %d key(s) last loaded", exc, len(self._digests))
+            self.problem = exc.problem
             return
+        except Exception as exc:  # never let a surprise stop the ticker that calls us (deadlines, reloads)
+            log.exception("gateway keys file %s: cannot load; keeping the %d key(s) last loaded", self.path,
+                          len(self._digests))
+            self.problem = f"cannot load: {exc!r}"
+            return
+        self.problem = ""
         self._digests = [(bytes.fromhex(e["key_hash"]), e["name"]) for e in doc["keys"]]
         log.info("gateway keys file %s: %d key(s) loaded", self.path, len(self._digests))
 
@@ -1338,6 +1349,26 @@ class KeyStore:
     def missing_keys_hint(self) -> str:
         """The exact command that creates a key in the file this store reads (its absolute path)."""
         return f"{_cli_command()} auth generate --name NAME --keys {shlex.quote(os.path.abspath(self.path))}"
+
+
+def enable_auth(gateway: Any, environ: Mapping[str, str] | None = None) -> KeyStore | None:
+    """Give `gateway` a `KeyStore` when `EVO_GATEWAY_AUTH` is on; returns it, or None when auth is off.
+
+    With no usable key, say so loudly with the command that creates one: the gateway still starts
+    and answers `/health`, and refuses everything else with the same hint.
+    """
+    if not auth_enabled(environ):
+        return None
+    store = KeyStore(keys_path(None, environ))
+    gateway.auth = store
+    if store.is_empty:
+        state = ("does not exist" if not os.path.exists(store.path) else
+                 f"is unusable ({store.problem})" if store.problem else "holds no keys")
+        log.warning("!!! %s is on but the keys file %s %s: every request except /health is refused (401). "
+                    "Create a key with: %s", AUTH_ENV, os.path.abspath(store.path), state, store.missing_keys_hint())
+    else:
+        log.info("gateway API keys required: %d key(s) in %s", len(store), os.path.abspath(store.path))
+    return store
 
 
 def _presented_keys(headers: Mapping[str, str]) -> list[str]:
@@ -1664,7 +1695,10 @@ class Gateway:
         store = self.auth
         name = store.authenticate(headers)
         if name is None:
-            if store.is_empty:
+            if store.is_empty and store.problem:
+                message = ("gateway API keys are required (EVO_GATEWAY_AUTH is on) but the keys file is unusable "
+                           f"({store.problem}); fix or remove it, then create a key with: {store.missing_keys_hint()}")
+            elif store.is_empty:
                 message = ("gateway API keys are required (EVO_GATEWAY_AUTH is on) but none exists yet; "
                            f"create one with: {store.missing_keys_hint()}")
             else:
@@ -2225,7 +2259,12 @@ class HttpConnection(asyncio.Protocol):
                     raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
                                        headers=[("allow", allow)])
             if gateway.auth is not None and kind != "health":
-                key_name = gateway.authenticate(headers)
+                try:
+                    key_name = gateway.authenticate(headers)
+                except GatewayError as e:
+                    if not await self._discard_body(headers):
+                        raise _CloseAfter(e) from None  # body left unread: say the connection closes
+                    raise
             if route[0] == "POST":
                 raw = await self._read_body(headers, expect_json=True)
                 reply = await gateway.handle_post(kind, dialect, raw, ctx)
@@ -2248,6 +2287,38 @@ class HttpConnection(asyncio.Protocol):
             await self._send_reply(reply, request_id, ctx)
         finally:
             self._log_request(ctx, method, path, status, key_name)
+
+    async def _discard_body(self, headers: dict[str, str]) -> bool:
+        """Read and drop the body of a request refused from its head; True when it was read to its end.
+
+        Closing with the body unread would reset the connection and the client would lose the
+        reply, and a reply without `Connection: close` on a connection about to close makes
+        clients reuse it. Bounded by `max_body_bytes` and `head_timeout_s` (the ticker aborts a
+        slow sender); a client waiting for `100 Continue` sends no body and is not waited for.
+        """
+        conn = self.conn
+        if conn.their_state is not h11.SEND_BODY:
+            return True
+        length = headers.get("content-length", "")
+        budget = self.limits.max_body_bytes
+        if conn.they_are_waiting_for_100_continue or (length.isdigit() and int(length) > budget):
+            return False
+        self.deadline = time.monotonic() + self.limits.head_timeout_s
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    await self._wait_for_data()
+                elif isinstance(event, h11.Data):
+                    budget -= len(event.data)
+                    if budget < 0:
+                        return False
+                else:
+                    return isinstance(event, h11.EndOfMessage)
+        except (h11.RemoteProtocolError, ConnectionError):
+            return False
+        finally:
+            self.deadline = None
 
     async def _read_body(self, headers: dict[str, str], expect_json: bool) -> bytes:
         limit = self.limits.max_body_bytes
@@ -2580,15 +2651,7 @@ def serve_main(config_file: str | None = None, host: str | None = None, port: in
 async def _serve(config: Config, path: str, host: str, port: int) -> int:
     loop = asyncio.get_event_loop()
     gateway = Gateway(config)
-    if auth_enabled():
-        store = KeyStore(keys_path(None))
-        store.refresh()
-        gateway.auth = store
-        if store.is_empty:
-            log.warning("!!! EVO_GATEWAY_AUTH is on but %s holds no keys: every request will be refused. "
-                        "Create a key with: %s", store.path, store.missing_keys_hint())
-        else:
-            log.info("authentication enabled (%d keys in %s)", len(store), store.path)
+    enable_auth(gateway)
     server = Server(gateway, config.server, path)
     try:
         bound = await server.start(host, port)

@@ -114,7 +114,9 @@ class Harness:
         config = evo_gateway.parse_config(data, config_file or "test-gateway.json")
 
         async def make() -> list:
-            self.gateway = evo_gateway.Gateway(config, environ if environ is not None else {})
+            env = environ if environ is not None else {}
+            self.gateway = evo_gateway.Gateway(config, env)
+            evo_gateway.enable_auth(self.gateway, env)  # EVO_GATEWAY_AUTH{,_KEYS} in `environ` turn keys on
             self.server = evo_gateway.Server(self.gateway, config.server, config_file)
             return await self.server.start("127.0.0.1", 0)
 

@@ -204,3 +204,20 @@ def test_new_key_format_and_digest():
     assert len(key) == 52 and key.startswith("evo-") and int(key[4:], 16) >= 0 and key == key.lower()
     assert evo_gateway.hash_key(key) == hashlib.sha256(key.encode()).hexdigest()
     assert evo_gateway.new_key() != key
+
+
+def test_file_nested_too_deep_for_json_is_a_key_file_error_not_a_crash(tmp_path):
+    path = tmp_path / "auth.json"
+    path.write_text("[" * 200_000)
+    with pytest.raises(evo_gateway.KeyFileError, match="nested too deeply"):
+        evo_gateway.read_keys_file(str(path))
+
+
+def test_problem_names_why_the_file_is_not_in_force_and_clears_when_fixed(tmp_path):
+    path = tmp_path / "auth.json"
+    path.write_text("{bad")
+    store = KeyStore(str(path))
+    assert store.is_empty and "not valid JSON" in store.problem
+    write_keys(path, alice=ALICE)
+    store.refresh()
+    assert store.problem == "" and store.authenticate({"x-api-key": ALICE}) == "alice"
