@@ -2725,9 +2725,13 @@ def _stat_key(path: str | None) -> tuple | None:
 
 
 class _JsonFormatter(logging.Formatter):
+    worker = ""  # set in a worker of `serve --workers`: every JSON line names it
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                  + f".{int(record.msecs):03d}Z", "level": record.levelname, "message": record.getMessage()}
+        if self.worker:
+            entry["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
@@ -2835,6 +2839,7 @@ async def _serve(config: Config, path: str, host: str, port: int, worker: Worker
     if worker is not None:
         gateway.worker_id = f"{worker.index}-{os.getpid()}"
         gateway.metrics_dir = worker.metrics_dir
+        _label_worker_logs(gateway.worker_id)
     if auth_enabled():
         store = KeyStore(keys_path(None))
         store.refresh()
@@ -2877,13 +2882,21 @@ async def _serve(config: Config, path: str, host: str, port: int, worker: Worker
         log.info("evo-gateway %s listening on %s (event loop: %s, %d providers enabled)", __version__, where,
                  loop_name, len(gateway.state.providers))
     else:
-        log.info("worker %s listening on %s (event loop: %s)", gateway.worker_id, where, loop_name)
+        log.info("listening on %s (event loop: %s)", where, loop_name)
     signum = await stop
     grace_s = gateway.state.config.server.shutdown_grace_s
     log.info("received %s: finishing requests in flight (up to %ss)", signal.Signals(signum).name, grace_s)
     await server.shutdown(grace_s)
-    log.info("stopped" if worker is None else f"worker {gateway.worker_id} stopped")
+    log.info("stopped")
     return 0
+
+
+def _label_worker_logs(worker_id: str) -> None:
+    """In a worker: its id on every log line, so the interleaved output of N workers stays readable."""
+    _JsonFormatter.worker = worker_id
+    for handler in log.handlers:
+        if not isinstance(handler.formatter, _JsonFormatter):
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-5s [worker {worker_id}] %(message)s"))
 
 
 def _flush_logs() -> None:
