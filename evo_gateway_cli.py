@@ -76,13 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the gateway",
         description="Run the gateway. Reads the config file, writing one with the defaults if it is missing; "
                     "re-reads it when it changes on disk or on SIGHUP. SIGTERM/SIGINT stop accepting "
-                    "connections and let open requests finish.")
+                    "connections and let open requests finish (up to server.shutdown_grace_s; the rest end "
+                    "with an error event); a second signal exits at once.")
     serve.add_argument("--config", metavar="PATH",
                        help="config file (default: $GATEWAY_CONFIG, else ./gateway.json)")
     serve.add_argument("--host", metavar="HOST", help="address to listen on (overrides server.host)")
     serve.add_argument("--port", metavar="PORT", type=_port, help="port to listen on (overrides server.port)")
     serve.add_argument("--workers", metavar="N", type=_positive_int,
-                       help="worker processes sharing the port with SO_REUSEPORT (overrides server.workers)")
+                       help="worker processes sharing the port with SO_REUSEPORT, supervised by this process: "
+                            "a worker that dies is restarted; SIGTERM/SIGHUP reach them all (overrides "
+                            "server.workers)")
 
     check = commands.add_parser(
         "check", help="validate the config and probe every enabled provider",
