@@ -30,10 +30,12 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -52,8 +54,12 @@ log = logging.getLogger("evo_gateway")
 # =============================================================================================
 
 SSE_KEEPALIVE_S = 15.0
+PROBE_TIMEOUT_S = 3.0  # an active /health probe gives up after this
+PROBE_CACHE_S = 5.0  # one probe round answers every /health call for this long
+METRICS_STALE_S = 30.0  # with --workers: a worker snapshot older than this is left out of /metrics
 KEY_COOLDOWN_S = 60.0
 TICK_S = 0.5
+SHUTDOWN_FINISH_S = 5.0  # after the grace: time for cut requests to write their last event and clean up
 READ_CHUNK_BYTES = 65536
 # Request headers a client may pass to an upstream; everything else (its gateway key,
 # hop-by-hop and framing headers, accept-encoding) stays here.
@@ -689,6 +695,7 @@ class UpstreamPool:
         self.active: dict[str, int] = {}
         self._in_use: set[UpstreamConnection] = set()
         self._watchdog: asyncio.Task | None = None
+        self._live_keys: set | None = None  # after a reload: the origins some provider still uses
 
     async def _watch_deadlines(self) -> None:
         while True:
@@ -703,6 +710,9 @@ class UpstreamPool:
     def put_idle(self, conn: UpstreamConnection) -> None:
         self._release_active(conn.target)
         self._in_use.discard(conn)
+        if self._live_keys is not None and conn.target.key not in self._live_keys:
+            conn.close()  # its provider was removed by a reload while this request ran
+            return
         try:
             conn.h11.start_next_cycle()
         except h11.LocalProtocolError:
@@ -722,6 +732,7 @@ class UpstreamPool:
             if conn.is_idle_and_usable():
                 conn.state = "ACTIVE"
                 conn.reused = True
+                conn.target = target  # this provider's timeouts, which a reload may have changed
                 return conn
             conn.close()
         return None
@@ -739,6 +750,17 @@ class UpstreamPool:
             idle, _ = out.get(origin, (0, 0))
             out[origin] = (idle, n)
         return out
+
+    def retain_origins(self, keys: set) -> None:
+        """After a reload: close idle connections to origins no provider uses any more.
+
+        Connections busy with a request in flight are left alone; they are closed instead of
+        pooled when that request ends.
+        """
+        self._live_keys = set(keys)
+        for key in [k for k in self._idle if k not in keys]:
+            for conn in self._idle.pop(key):
+                conn.close()
 
     def close_all(self) -> None:
         if self._watchdog is not None:
@@ -856,6 +878,9 @@ class RequestContext:
         self.log.update(fields)
 
 
+_PROBE_CTX = RequestContext("probe", {})
+
+
 class Reply:
     """A response ready to write: status, headers, and a body of bytes or an async byte iterator.
 
@@ -915,6 +940,10 @@ class Provider:
     def key_count(self) -> int:
         return 0
 
+    async def probe(self) -> dict[str, Any]:
+        """A cheap active check for /health and `check`, never a generation: {"ok", "detail"}."""
+        return {"ok": True, "detail": "no active check for this provider type"}
+
     async def aclose(self) -> None:
         """Release what the provider holds (pooled connections, child processes)."""
 
@@ -970,6 +999,7 @@ class HttpProvider(Provider):
 
     native_paths: dict[str, str] = {}
     forwarded_headers: frozenset = FORWARDED_REQUEST_HEADERS  # the client headers this upstream may see
+    probe_path = "/models"  # GET here answers whether the upstream is up and takes our key
 
     def __init__(self, config: ProviderConfig, pool: UpstreamPool, environ: dict | None = None) -> None:
         super().__init__(config)
@@ -1028,6 +1058,32 @@ class HttpProvider(Provider):
         if resp.status >= 300:
             raise await upstream_error(resp, self.name)
         return parse_upstream_json(await resp.read(), self.name)
+
+    async def probe(self) -> dict[str, Any]:
+        """`GET {base_url}{probe_path}` with this provider's key and headers.
+
+        Up means reachable and not refusing us: 2xx, or a 4xx other than 401/403 (a server
+        without a model list still answers). 401/403 (the key) and 5xx count as down; transport
+        errors are raised as GatewayErrors by the pool.
+        """
+        key = self.keys.next_key()
+        headers = [_ACCEPT_JSON, (b"accept-encoding", b"identity")]
+        headers += self.auth_headers(key, _PROBE_CTX) + self.extra_headers
+        resp = await self.pool.request(self.target, "GET", self.probe_path, headers)
+        try:
+            await resp.read()
+        finally:
+            resp.close()
+        status = resp.status
+        where = f"GET {self.target.base_path}{self.probe_path} on {self.target.describe()}"
+        if status in (401, 403):
+            why = "no key is configured" if key is None else "the upstream refused the key"
+            return {"ok": False, "status": status, "detail": f"HTTP {status} on {where}: {why}"}
+        if status >= 500:
+            return {"ok": False, "status": status, "detail": f"HTTP {status} on {where}: the upstream is failing"}
+        if status >= 400:
+            return {"ok": True, "status": status, "detail": f"reachable (HTTP {status} on {where})"}
+        return {"ok": True, "status": status, "detail": f"HTTP {status} on {where}"}
 
 
 def parse_upstream_json(raw: bytes, provider: str) -> dict:
@@ -1629,13 +1685,40 @@ class Router:
         return provider, model
 
 
-class GatewayState:
-    """Everything derived from one config: swapped whole on reload, never mutated."""
+# What a CLI provider reads from the environment; equal values (and an equal config) let a
+# reload keep the provider object, and with it its running processes and concurrency cap.
+_CLI_RUN_SETTINGS = ("binary", "max_concurrent", "timeout_s")
 
-    def __init__(self, config: Config, pool: UpstreamPool, environ: dict | None = None) -> None:
+
+class GatewayState:
+    """Everything derived from one config: swapped whole on reload, never mutated.
+
+    Built from `previous` on a reload: a CLI provider whose config and environment settings
+    are unchanged is carried over as the same object (its runs go on, its cap stays one cap);
+    every other provider is built afresh (so key variables are re-read) and inherits the last
+    upstream result of its namesake for /health.
+    """
+
+    def __init__(self, config: Config, pool: UpstreamPool, environ: dict | None = None,
+                 previous: GatewayState | None = None) -> None:
         self.config = config
         self.providers = load_providers(config, pool, environ)
+        self.kept: list[str] = []
+        for name, provider in list(self.providers.items()):
+            old = previous.providers.get(name) if previous is not None else None
+            if old is None or type(old) is not type(provider) or old.config != provider.config:
+                continue
+            if hasattr(provider, "binary_path"):
+                if all(getattr(old, a, None) == getattr(provider, a, None) for a in _CLI_RUN_SETTINGS):
+                    self.providers[name] = old
+                    self.kept.append(name)
+            else:
+                provider.last_result = old.last_result
         self.router = Router(config, self.providers)
+
+    def http_origins(self) -> set:
+        """The pool keys of every origin an HTTP provider of this state reaches."""
+        return {p.target.key for p in self.providers.values() if isinstance(p, HttpProvider)}
 
     def model_ids(self) -> list[tuple[str, str]]:
         """(provider, provider:model) for every model of every enabled provider, in file order."""
@@ -1689,6 +1772,8 @@ class Gateway:
         self.draining = False
         self.auth: Any = None  # a KeyStore when gateway API keys are on
         self.worker_id = ""
+        self.metrics_dir: str | None = None  # with --workers: where each worker leaves its metrics
+        self._probes: tuple | None = None  # (state, task, started) of the latest probe round
 
     def authenticate(self, headers: dict[str, str]) -> str:
         """The name of the gateway key the client presented; 401 in its dialect if there is none."""
@@ -1710,28 +1795,43 @@ class Gateway:
     # -- reload ---------------------------------------------------------------------------
 
     def reload(self, path: str) -> bool:
-        """Swap in a new config if it is valid; keep the running one and log why if not."""
+        """Swap in a new config if it is valid; keep the running one and log why if not.
+
+        The swap is one assignment: requests that already resolved their provider finish on
+        it, new ones use the new state. Old providers are not closed — a request in flight
+        may still be using one; what they hold is released as those requests end (pooled
+        connections to origins no provider uses any more are closed now, busy ones when they
+        come back). Key variables are re-read from the environment.
+        """
         try:
             config = load_config(path, create=False)
-            state = GatewayState(config, self.pool, self.environ)
+            state = GatewayState(config, self.pool, self.environ, previous=self.state)
         except (ConfigError, OSError) as e:
             self.metrics.reloads["failed"] += 1
             log.error("config reload failed, keeping the running config: %s", e)
             return False
+        except Exception as e:  # a provider that fails to build must not take the server down
+            self.metrics.reloads["failed"] += 1
+            log.exception("config reload failed, keeping the running config: %s: %s", type(e).__name__, e)
+            return False
         old, self.state = self.state, state
         self.metrics.reloads["ok"] += 1
+        self._probes = None
+        self.pool.retain_origins(state.http_origins())
         for w in config.warnings:
             log.warning("%s", w)
-        log.info("config reloaded from %s (%d providers enabled)", path, len(state.providers))
-        for provider in old.providers.values():
-            asyncio.ensure_future(provider.aclose())
+        added = sorted(set(state.providers) - set(old.providers))
+        removed = sorted(set(old.providers) - set(state.providers))
+        log.info("config reloaded from %s (%d providers enabled%s%s%s)", path, len(state.providers),
+                 f"; added: {', '.join(added)}" if added else "", f"; removed: {', '.join(removed)}" if removed else "",
+                 f"; kept running: {', '.join(state.kept)}" if state.kept else "")
         return True
 
     # -- dispatch -------------------------------------------------------------------------
 
     async def handle_get(self, kind: str, ctx: RequestContext) -> Reply:
         if kind == "health":
-            return self.health()
+            return await self.health()
         if kind == "models":
             return self.models(ctx)
         if kind == "tags":
@@ -1874,7 +1974,10 @@ class Gateway:
         else:
             translator = tr.ChatToOllamaStream(client_model, kind == "ollama_generate", started_ns)
             headers = NDJSON_HEADERS
-        return Reply(200, headers, self._translate_stream(result, translator, ctx), sse=headers is SSE_HEADERS)
+        reply = Reply(200, headers, self._translate_stream(result, translator, ctx), sse=headers is SSE_HEADERS)
+        # A stream cut by the server (shutdown past its grace) ends with the translator's own error event.
+        reply.error_frame = lambda err: b"".join(translator.fail(err.message))
+        return reply
 
     async def _translate_stream(self, chunks: AsyncIterator[dict], translator: Any,
                                 ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -1904,8 +2007,15 @@ class Gateway:
 
     # -- informational routes ---------------------------------------------------------------
 
-    def health(self) -> Reply:
+    async def health(self) -> Reply:
+        """`{"status": "ok"|"degraded"|"draining", "providers": [...]}`; 503 only while draining.
+
+        Each enabled provider carries its key count (never a key), its last upstream result
+        from real traffic and the result of an active probe (shared and cached, see
+        `probe_all`); "degraded" means some enabled provider failed its probe.
+        """
         state = self.state
+        probes = {} if self.draining else await self.probe_all()
         providers = []
         for p in state.config.providers:
             entry: dict[str, Any] = {"name": p.name, "type": p.provider_type, "enabled": p.enabled}
@@ -1920,9 +2030,30 @@ class Gateway:
                     ok, detail, latency_ms, when = provider.last_result
                     entry["last_upstream"] = {"ok": ok, "result": detail, "latency_ms": latency_ms,
                                               "seconds_ago": round(time.time() - when, 1)}
+                if p.name in probes:
+                    entry["probe"] = probes[p.name]
             providers.append(entry)
-        status = "draining" if self.draining else "ok"
+        if self.draining:
+            status = "draining"
+        else:
+            status = "degraded" if any(not r["ok"] for r in probes.values()) else "ok"
         return json_reply({"status": status, "providers": providers}, 503 if self.draining else 200)
+
+    async def probe_all(self) -> dict[str, dict]:
+        """Probe every enabled provider concurrently; one round serves every caller for PROBE_CACHE_S.
+
+        Concurrent callers share the round in progress, so /health can never multiply the
+        load on an upstream; a caller that goes away does not cancel the round for the others.
+        """
+        now = time.monotonic()
+        cached = self._probes
+        if cached is not None and cached[0] is self.state and (
+                not cached[1].done() or now - cached[2] < PROBE_CACHE_S):
+            task = cached[1]
+        else:
+            task = asyncio.ensure_future(probe_providers(self.state.providers.values()))
+            self._probes = (self.state, task, now)
+        return await asyncio.shield(task)
 
     def models(self, ctx: RequestContext) -> Reply:
         ids = self.state.model_ids()
@@ -1934,22 +2065,89 @@ class Gateway:
         return json_reply({"object": "list", "data": [
             {"id": mid, "object": "model", "created": 0, "owned_by": name} for name, mid in ids]})
 
-    def render_metrics(self) -> str:
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This process's metrics as plain JSON data (what `render_metrics_text` renders)."""
         m = self.metrics
-        wid = f'worker="{_label(self.worker_id)}",' if self.worker_id else ""
-        out = ["# HELP evo_gateway_requests_total Requests answered, by route, provider and status.",
-               "# TYPE evo_gateway_requests_total counter"]
-        for (route, provider, status), n in sorted(m.requests.items()):
-            out.append(f'evo_gateway_requests_total{{{wid}route="{_label(route)}",provider="{_label(provider)}",'
-                       f'status="{status}"}} {n}')
-        for name, help_text in (("request_duration_seconds", "Time from request head to the last response byte."),
-                                ("upstream_ttfb_seconds", "Time from sending upstream to its response head.")):
-            out.append(f"# HELP evo_gateway_{name} {help_text}")
-            out.append(f"# TYPE evo_gateway_{name} histogram")
-            for (metric, provider), h in sorted(m.latency.items()):
+        providers = sorted(self.state.providers.items())
+        return {
+            "worker": self.worker_id, "time": time.time(), "pid": os.getpid(),
+            "requests": [[r, p, s, n] for (r, p, s), n in sorted(m.requests.items())],
+            "latency": [[name, p, list(h)] for (name, p), h in sorted(m.latency.items())],
+            "open_connections": m.open_connections, "open_streams": m.open_streams,
+            "pool": [[o, i, a] for o, (i, a) in sorted(self.pool.stats().items())],
+            "cooldowns": [[n, p.keys.cooling_count()] for n, p in providers if isinstance(getattr(p, "keys", None),
+                                                                                         KeyPool)],
+            "cli": [[n, p.running] for n, p in providers if isinstance(getattr(p, "running", None), int)],
+            "reloads": dict(m.reloads),
+        }
+
+    def write_metrics_snapshot(self) -> None:
+        """With --workers: leave this worker's snapshot where the other workers' /metrics read it."""
+        if not self.metrics_dir:
+            return
+        name = os.path.join(self.metrics_dir, f"worker-{self.worker_id}.json")
+        tmp = f"{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.metrics_snapshot(), f)
+            os.replace(tmp, name)
+        except OSError as e:
+            log.debug("cannot write the metrics snapshot %s: %s", name, e)
+
+    def _peer_snapshots(self) -> list[dict]:
+        if not self.metrics_dir:
+            return []
+        out = []
+        now = time.time()
+        try:
+            names = sorted(os.listdir(self.metrics_dir))
+        except OSError:
+            return []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.metrics_dir, name), encoding="utf-8") as f:
+                    snap = json.load(f)
+            except (OSError, ValueError):
+                continue
+            fresh = now - snap.get("time", 0) < METRICS_STALE_S if isinstance(snap, dict) else False
+            if fresh and snap.get("pid") != os.getpid():
+                out.append(snap)
+        return out
+
+    def render_metrics(self) -> str:
+        """Prometheus text for this process, plus (with --workers) every other live worker's last snapshot."""
+        return render_metrics_text([self.metrics_snapshot()] + self._peer_snapshots())
+
+
+def render_metrics_text(snapshots: list[dict]) -> str:
+    """Prometheus text exposition (0.0.4) of one or more `metrics_snapshot()`s, each family once.
+
+    Series carry a `worker` label when the snapshot comes from a worker of `serve --workers`.
+    """
+    def wl(snap: dict) -> str:
+        return f'worker="{_label(snap["worker"])}",' if snap.get("worker") else ""
+
+    def bare(snap: dict) -> str:
+        w = wl(snap)
+        return f"{{{w[:-1]}}}" if w else ""
+
+    out = ["# HELP evo_gateway_requests_total Requests answered, by route, provider and status.",
+           "# TYPE evo_gateway_requests_total counter"]
+    for snap in snapshots:
+        for route, provider, status, n in snap["requests"]:
+            out.append(f'evo_gateway_requests_total{{{wl(snap)}route="{_label(route)}",'
+                       f'provider="{_label(provider)}",status="{status}"}} {n}')
+    for name, help_text in (("request_duration_seconds", "Time from request head to the last response byte."),
+                            ("upstream_ttfb_seconds", "Time from sending upstream to its response head.")):
+        out.append(f"# HELP evo_gateway_{name} {help_text}")
+        out.append(f"# TYPE evo_gateway_{name} histogram")
+        for snap in snapshots:
+            for metric, provider, h in snap["latency"]:
                 if metric != name:
                     continue
-                lbl = f'{wid}provider="{_label(provider)}"'
+                lbl = f'{wl(snap)}provider="{_label(provider)}"'
                 cumulative = 0
                 for bound, count in zip(Metrics.BUCKETS_S, h):
                     cumulative += count
@@ -1957,33 +2155,122 @@ class Gateway:
                 out.append(f'evo_gateway_{name}_bucket{{{lbl},le="+Inf"}} {h[-1]}')
                 out.append(f"evo_gateway_{name}_sum{{{lbl}}} {h[-2]:.6f}")
                 out.append(f"evo_gateway_{name}_count{{{lbl}}} {h[-1]}")
-        w = f"{{{wid[:-1]}}}" if wid else ""
-        out += ["# HELP evo_gateway_open_connections Client connections open.",
-                "# TYPE evo_gateway_open_connections gauge", f"evo_gateway_open_connections{w} {m.open_connections}",
-                "# HELP evo_gateway_open_streams Streamed responses in progress.",
-                "# TYPE evo_gateway_open_streams gauge", f"evo_gateway_open_streams{w} {m.open_streams}",
-                "# HELP evo_gateway_upstream_connections Upstream connections by origin and state.",
-                "# TYPE evo_gateway_upstream_connections gauge"]
-        for origin, (idle, active) in sorted(self.pool.stats().items()):
-            out.append(f'evo_gateway_upstream_connections{{{wid}origin="{_label(origin)}",state="idle"}} {idle}')
-            out.append(f'evo_gateway_upstream_connections{{{wid}origin="{_label(origin)}",state="active"}} {active}')
-        out += ["# HELP evo_gateway_key_cooldowns Upstream keys set aside after a refusal.",
-                "# TYPE evo_gateway_key_cooldowns gauge"]
-        for name, provider in sorted(self.state.providers.items()):
-            keys = getattr(provider, "keys", None)
-            if isinstance(keys, KeyPool):
-                out.append(f'evo_gateway_key_cooldowns{{{wid}provider="{_label(name)}"}} {keys.cooling_count()}')
-        out += ["# HELP evo_gateway_cli_processes CLI tool processes running.",
-                "# TYPE evo_gateway_cli_processes gauge"]
-        for name, provider in sorted(self.state.providers.items()):
-            running = getattr(provider, "running", None)
-            if isinstance(running, int):
-                out.append(f'evo_gateway_cli_processes{{{wid}provider="{_label(name)}"}} {running}')
-        out += ["# HELP evo_gateway_config_reloads_total Config reloads by result.",
-                "# TYPE evo_gateway_config_reloads_total counter"]
-        for result, n in m.reloads.items():
-            out.append(f'evo_gateway_config_reloads_total{{{wid}result="{result}"}} {n}')
-        return "\n".join(out) + "\n"
+    out += ["# HELP evo_gateway_open_connections Client connections open.",
+            "# TYPE evo_gateway_open_connections gauge"]
+    out += [f"evo_gateway_open_connections{bare(snap)} {snap['open_connections']}" for snap in snapshots]
+    out += ["# HELP evo_gateway_open_streams Streamed responses in progress.",
+            "# TYPE evo_gateway_open_streams gauge"]
+    out += [f"evo_gateway_open_streams{bare(snap)} {snap['open_streams']}" for snap in snapshots]
+    out += ["# HELP evo_gateway_upstream_connections Upstream connections by origin and state.",
+            "# TYPE evo_gateway_upstream_connections gauge"]
+    for snap in snapshots:
+        for origin, idle, active in snap["pool"]:
+            out.append(f'evo_gateway_upstream_connections{{{wl(snap)}origin="{_label(origin)}",state="idle"}} {idle}')
+            out.append(f'evo_gateway_upstream_connections{{{wl(snap)}origin="{_label(origin)}",state="active"}} '
+                       f'{active}')
+    out += ["# HELP evo_gateway_key_cooldowns Upstream keys set aside after a refusal.",
+            "# TYPE evo_gateway_key_cooldowns gauge"]
+    for snap in snapshots:
+        for name, n in snap["cooldowns"]:
+            out.append(f'evo_gateway_key_cooldowns{{{wl(snap)}provider="{_label(name)}"}} {n}')
+    out += ["# HELP evo_gateway_cli_processes CLI tool processes running.",
+            "# TYPE evo_gateway_cli_processes gauge"]
+    for snap in snapshots:
+        for name, n in snap["cli"]:
+            out.append(f'evo_gateway_cli_processes{{{wl(snap)}provider="{_label(name)}"}} {n}')
+    out += ["# HELP evo_gateway_config_reloads_total Config reloads by result.",
+            "# TYPE evo_gateway_config_reloads_total counter"]
+    for snap in snapshots:
+        for result, n in sorted(snap["reloads"].items()):
+            out.append(f'evo_gateway_config_reloads_total{{{wl(snap)}result="{result}"}} {n}')
+    return "\n".join(out) + "\n"
+
+
+async def probe_provider(provider: Provider, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """One active check of one provider, bounded by `timeout_s`; never raises.
+
+    HTTP providers: a GET on their model list (Ollama: /api/version). CLI providers: the
+    binary looked up on PATH, never run. The result: {"ok", "detail", "latency_ms"} and, for
+    CLI providers, "binary" (its path or null).
+    """
+    t0 = time.monotonic()
+    finder = getattr(provider, "binary_path", None)
+    if finder is not None:
+        path = finder()
+        detail = f"found {path}" if path else (f"binary '{getattr(provider, 'binary', '?')}' not found on PATH"
+                                              f" (set {getattr(provider, 'binary_env', 'its _BINARY variable')})")
+        return {"ok": path is not None, "detail": detail, "binary": path, "latency_ms": 0.0}
+    try:
+        result = await asyncio.wait_for(provider.probe(), timeout_s)
+    except asyncio.TimeoutError:
+        result = {"ok": False, "detail": f"provider '{provider.name}': no answer within {timeout_s:g} s"}
+    except GatewayError as e:
+        result = {"ok": False, "detail": e.message}
+    except Exception as e:
+        result = {"ok": False, "detail": f"probe failed: {type(e).__name__}: {e}"}
+    result["latency_ms"] = round((time.monotonic() - t0) * 1000, 1)
+    return result
+
+
+async def probe_providers(providers: Iterable[Provider], timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, dict]:
+    """`probe_provider` for each, all at once: name → result."""
+    providers = list(providers)
+    results = await asyncio.gather(*(probe_provider(p, timeout_s) for p in providers))
+    return {p.name: r for p, r in zip(providers, results)}
+
+
+def key_variables(config: ProviderConfig, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(variable, "set" | "empty" | "missing") for each of `api_key_envs`; never the values."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name in config.api_key_envs:
+        value = environ.get(name)
+        out.append((name, "missing" if value is None else "set" if value.strip() else "empty"))
+    return out
+
+
+async def check_providers(config: Config, environ: dict | None = None,
+                          timeout_s: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:
+    """What `evo-gateway check` reports: per provider, its key variables, one probe and a verdict.
+
+    `usable` is None for a disabled provider, else whether requests routed to it can work: at
+    least one key variable set (when it names any) and the probe passed.
+    """
+    import providers as registry
+
+    environ = os.environ if environ is None else environ
+    pool = UpstreamPool()
+    built: dict[str, Provider] = {}
+    errors: dict[str, str] = {}
+    for pc in config.providers:
+        if pc.enabled:
+            try:
+                built[pc.name] = registry.create(pc, pool, environ)
+            except Exception as e:  # e.g. an unreadable ca_file
+                errors[pc.name] = f"cannot be set up: {type(e).__name__}: {e}"
+    try:
+        probes = await probe_providers(built.values(), timeout_s)
+    finally:
+        pool.close_all()
+    rows = []
+    for pc in config.providers:
+        keys = key_variables(pc, environ)
+        row: dict[str, Any] = {"name": pc.name, "type": pc.provider_type, "enabled": pc.enabled, "keys": keys,
+                               "probe": probes.get(pc.name)}
+        if not pc.enabled:
+            row.update(usable=None, verdict="disabled", detail="")
+        elif pc.name in errors:
+            row.update(usable=False, verdict="UNUSABLE", detail=errors[pc.name])
+        elif keys and not any(state == "set" for _, state in keys):
+            names = ", ".join(f"{n} is {'not set' if st == 'missing' else 'empty'}" for n, st in keys)
+            row.update(usable=False, verdict="NO KEY", detail=f"{names}; probe: {probes[pc.name]['detail']}")
+        elif not probes[pc.name]["ok"]:
+            row.update(usable=False, verdict="UNUSABLE", detail=probes[pc.name]["detail"])
+        else:
+            row.update(usable=True, verdict="OK", detail=f"{probes[pc.name]['detail']} "
+                                                          f"({probes[pc.name]['latency_ms']:g} ms)")
+        rows.append(row)
+    return rows
 
 
 def _note_usage(ctx: RequestContext, usage: Any) -> None:
@@ -2276,6 +2563,12 @@ class HttpConnection(asyncio.Protocol):
             reply.headers.append((b"connection", b"close"))
         except GatewayError as e:
             reply = error_reply(dialect, e)
+        except asyncio.CancelledError:
+            if not self.server.stopping or self.closed:
+                raise
+            # Still running when the shutdown grace ran out: answer in the client's dialect.
+            reply = error_reply(dialect, _shutdown_error(self.server))
+            reply.headers.append((b"connection", b"close"))
         except Exception:
             log.exception("request %s failed", request_id)
             reply = error_reply(dialect, GatewayError(500, f"internal gateway error (request id {request_id})",
@@ -2390,6 +2683,14 @@ class HttpConnection(asyncio.Protocol):
                     ctx.note(stream_error=e.message)
                 log.warning("upstream failed mid-stream: %s", e.message)
                 await self._write_chunk(reply.error_frame(e))
+            except asyncio.CancelledError:
+                if not self.server.stopping or self.closed or reply.error_frame is None:
+                    raise
+                # Cut by the shutdown after its grace: a final error event, not a silent cut.
+                err = _shutdown_error(self.server)
+                if ctx is not None:
+                    ctx.note(stream_error=err.message)
+                await self._write_chunk(reply.error_frame(err))
             self._write(self.pending_head + self.conn.send(h11.EndOfMessage()))
             self.pending_head = b""
         finally:
@@ -2457,6 +2758,12 @@ def next_request_id() -> str:
     return f"{_request_id_prefix}{next(_request_ids):x}"
 
 
+def _shutdown_error(server: Server) -> GatewayError:
+    return GatewayError(503, f"the gateway is shutting down and ended this request after "
+                             f"{server.grace_used_s:g} s (server.shutdown_grace_s); retry it", "unavailable",
+                        headers=[("retry-after", "1")])
+
+
 class _CloseAfter(Exception):
     """An error answered before the body was read: the connection closes after the reply."""
 
@@ -2471,7 +2778,18 @@ def _summary(fields: dict) -> str:
 
 
 class Server:
-    """The listening socket(s), the connection set, the ticker and the graceful stop."""
+    """The listening socket(s), the connection set, the ticker, config reloads and the graceful stop.
+
+    The ticker (every TICK_S) updates the Date header, enforces head and keep-alive deadlines,
+    sends SSE keep-alives, refreshes the keys file, polls the config file's stat (a changed
+    file is reloaded once its stat has held still for one tick, so a writer caught halfway is
+    not reported as broken) and, in a worker of `serve --workers`, writes the metrics
+    snapshot and notices a dead parent.
+    """
+
+    # Server limits a reload applies (to connections opened after it; the grace to the next stop).
+    LIVE_LIMITS = ("max_body_bytes", "max_head_bytes", "head_timeout_s", "keep_alive_s", "shutdown_grace_s")
+    RESTART_LIMITS = ("host", "port", "workers")
 
     def __init__(self, gateway: Gateway, limits: ServerConfig, config_file: str | None = None) -> None:
         self.gateway = gateway
@@ -2479,10 +2797,15 @@ class Server:
         self.config_file = config_file
         self.connections: set[HttpConnection] = set()
         self.draining = False
+        self.stopping = False  # the grace ran out: requests still running are being ended
+        self.grace_used_s = 0.0
         self.date_header = b""
+        self.parent_pid: int | None = None  # a worker: stop when this parent is gone
+        self.on_orphaned: Callable[[], None] | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._ticker: asyncio.Task | None = None
         self._config_stat: tuple | None = _stat_key(config_file) if config_file else None
+        self._pending_stat: tuple | None = None
         self._update_date()
 
     def _update_date(self) -> None:
@@ -2508,6 +2831,11 @@ class Server:
             if now - last_date >= 1.0:
                 self._update_date()
                 last_date = now
+                self.gateway.write_metrics_snapshot()
+                if self.parent_pid is not None and os.getppid() != self.parent_pid and self.on_orphaned:
+                    log.warning("the supervising process %d is gone: stopping this worker", self.parent_pid)
+                    self.parent_pid = None
+                    self.on_orphaned()
             for conn in list(self.connections):
                 if conn.deadline is not None and now > conn.deadline:
                     conn.abort()  # a slow head or an idle keep-alive past its time
@@ -2516,31 +2844,74 @@ class Server:
             auth = self.gateway.auth
             if auth is not None:
                 auth.refresh()
-            if self.config_file:
+            if self.config_file and not self.draining:
                 self.check_config_file()
 
     def check_config_file(self) -> None:
+        """Reload when the config file's (mtime, size, inode) changed and then held still for a tick."""
         current = _stat_key(self.config_file)
-        if current != self._config_stat:
-            self._config_stat = current
-            if current is not None:
-                self.gateway.reload(self.config_file)  # type: ignore[arg-type]
+        if current == self._config_stat:
+            self._pending_stat = None
+            return
+        if current != self._pending_stat:
+            self._pending_stat = current  # changed: look again next tick, the writer may not be done
+            return
+        self._pending_stat = None
+        if current is None:
+            self._config_stat = None
+            log.warning("config file %s is gone; keeping the running config", self.config_file)
+            return
+        self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the config file (the ticker on a change, SIGHUP at once); see `Gateway.reload`."""
+        self._config_stat = _stat_key(self.config_file)
+        old = self.gateway.state.config.server
+        if not self.gateway.reload(self.config_file):  # type: ignore[arg-type]
+            return False
+        new = self.gateway.state.config.server
+        self.limits = dataclasses.replace(new, **{k: getattr(self.limits, k) for k in self.RESTART_LIMITS})
+        live = [f"{k} {getattr(old, k)} → {getattr(new, k)}" for k in self.LIVE_LIMITS
+                if getattr(old, k) != getattr(new, k)]
+        fixed = [f"{k} {getattr(old, k)} → {getattr(new, k)}" for k in self.RESTART_LIMITS
+                 if getattr(old, k) != getattr(new, k)]
+        if live:
+            log.info("server limits changed (applied to new connections): %s", ", ".join(live))
+        if fixed:
+            log.warning("server settings changed that only a restart applies (still running with the old "
+                        "ones): %s", ", ".join(fixed))
+        return True
 
     def stop_listening(self) -> None:
         for srv in self._servers:
             srv.close()
 
     async def shutdown(self, grace_s: float) -> None:
-        """Stop accepting, let requests in flight finish for up to `grace_s`, then close the rest."""
+        """Stop accepting, let requests in flight finish for up to `grace_s`, then end the rest.
+
+        Idle keep-alive connections close at once. Requests still running when the grace is
+        over are cancelled: a stream gets a final error event in its dialect, a request
+        whose answer has not started gets a 503 in its dialect.
+        """
         self.draining = True
         self.gateway.draining = True
         self.stop_listening()
         for conn in list(self.connections):
             if not conn.handling:
                 conn.close()
-        deadline = time.monotonic() + grace_s
+        started = time.monotonic()
+        deadline = started + grace_s
         while any(c.handling for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        busy = [c.task for c in self.connections if c.handling and c.task is not None and not c.task.done()]
+        if busy:
+            log.warning("%d requests still running after the %gs grace (server.shutdown_grace_s): ending them "
+                        "with an error", len(busy), grace_s)
+            self.stopping = True
+            self.grace_used_s = round(time.monotonic() - started, 1)
+            for task in busy:
+                task.cancel()
+            await asyncio.wait(busy, timeout=SHUTDOWN_FINISH_S)
         for conn in list(self.connections):
             if conn.task is not None and not conn.task.done():
                 conn.task.cancel()
@@ -2568,9 +2939,13 @@ def _stat_key(path: str | None) -> tuple | None:
 
 
 class _JsonFormatter(logging.Formatter):
+    worker = ""  # set in a worker of `serve --workers`: every JSON line names it
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                  + f".{int(record.msecs):03d}Z", "level": record.levelname, "message": record.getMessage()}
+        if self.worker:
+            entry["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
@@ -2627,7 +3002,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def serve_main(config_file: str | None = None, host: str | None = None, port: int | None = None,
                workers: int | None = None) -> int:
-    """`evo-gateway serve`: load the config, listen, serve until SIGTERM/SIGINT; returns the exit code."""
+    """`evo-gateway serve`: load the config, listen, serve until SIGTERM/SIGINT; returns the exit code.
+
+    With more than one worker (`--workers`, else `server.workers`) a supervising parent runs
+    that many worker processes on one port (see `Supervisor`).
+    """
     setup_logging()
     path = config_path(config_file)
     try:
@@ -2640,21 +3019,48 @@ def serve_main(config_file: str | None = None, host: str | None = None, port: in
     limits = config.server
     host = host or limits.host
     port = limits.port if port is None else port
+    workers = workers or limits.workers
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        log.warning("--workers %d asked for, but this platform has no SO_REUSEPORT: running one process", workers)
+        workers = 1
+    if workers > 1:
+        return Supervisor(config, path, host, port, workers).run()
+    return _run_loop(config, path, host, port, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker of `serve --workers` knows about its place: slot, parent, metrics folder."""
+
+    index: int
+    parent_pid: int
+    metrics_dir: str
+    config_stat: tuple | None = None
+
+
+def _run_loop(config: Config, path: str, host: str, port: int, worker: WorkerSpec | None) -> int:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(config, path, host, port))
+        return loop.run_until_complete(_serve(config, path, host, port, worker))
     finally:
         loop.close()
 
 
-async def _serve(config: Config, path: str, host: str, port: int) -> int:
+async def _serve(config: Config, path: str, host: str, port: int, worker: WorkerSpec | None = None) -> int:
     loop = asyncio.get_event_loop()
     gateway = Gateway(config)
+    if worker is not None:
+        gateway.worker_id = f"{worker.index}-{os.getpid()}"
+        gateway.metrics_dir = worker.metrics_dir
+        _label_worker_logs(gateway.worker_id)
     enable_auth(gateway)
     server = Server(gateway, config.server, path)
+    if worker is not None:
+        server._config_stat = worker.config_stat  # the file the parent's config came from
+        server.parent_pid = worker.parent_pid
     try:
-        bound = await server.start(host, port)
+        bound = await server.start(host, port, reuse_port=worker is not None)
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", host, port, e.strerror or e)
         return 1
@@ -2664,20 +3070,233 @@ async def _serve(config: Config, path: str, host: str, port: int) -> int:
     def on_signal(signum: int) -> None:
         signals_seen.append(signum)
         if len(signals_seen) > 1:
+            if worker is not None:
+                return  # a worker stops once; a second Ctrl-C is the parent's to act on
             log.warning("second signal: exiting now")
             os._exit(1)
         if not stop.done():
             stop.set_result(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    server.on_orphaned = lambda: on_signal(signal.SIGTERM)
+    # A worker ignores SIGINT: Ctrl-C reaches the whole process group and the parent passes it on.
+    for signum in (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.reload(path))
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     loop_name = type(loop).__module__.split(".")[0]
-    log.info("evo-gateway %s listening on %s (event loop: %s, %d providers enabled)", __version__,
-             ", ".join(f"http://{h}:{p}" for h, p in bound), loop_name, len(gateway.state.providers))
+    where = ", ".join(f"http://{h}:{p}" for h, p in bound)
+    if worker is None:
+        log.info("evo-gateway %s listening on %s (event loop: %s, %d providers enabled)", __version__, where,
+                 loop_name, len(gateway.state.providers))
+    else:
+        log.info("listening on %s (event loop: %s)", where, loop_name)
     signum = await stop
-    log.info("received %s: finishing requests in flight (up to %ss)", signal.Signals(signum).name,
-             config.server.shutdown_grace_s)
-    await server.shutdown(gateway.state.config.server.shutdown_grace_s)
+    grace_s = gateway.state.config.server.shutdown_grace_s
+    log.info("received %s: finishing requests in flight (up to %ss)", signal.Signals(signum).name, grace_s)
+    await server.shutdown(grace_s)
     log.info("stopped")
     return 0
+
+
+def _label_worker_logs(worker_id: str) -> None:
+    """In a worker: its id on every log line, so the interleaved output of N workers stays readable."""
+    _JsonFormatter.worker = worker_id
+    for handler in log.handlers:
+        if not isinstance(handler.formatter, _JsonFormatter):
+            handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-5s [worker {worker_id}] %(message)s"))
+
+
+def _flush_logs() -> None:
+    for handler in log.handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - a log handler must not stop a process from exiting
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class Supervisor:
+    """The parent of `serve --workers N`: N forked workers on one port, restarted when they die.
+
+    The parent binds the port first (with SO_REUSEPORT, never listening on it) so that port
+    0 resolves once and a port in use fails before any fork; each worker binds and listens on
+    its own SO_REUSEPORT socket with its own event loop, and the kernel spreads connections
+    over them. A worker that dies is logged and started again after a backoff that doubles
+    while it keeps dying young. SIGTERM/SIGINT are passed on as SIGTERM (each worker drains
+    gracefully); a second one kills the workers and exits 1. SIGHUP is passed on (each worker
+    reloads). The parent keeps the last valid config for workers it restarts. Metrics: each
+    worker writes a snapshot into a private folder every second and its /metrics renders its
+    own live figures plus the others' snapshots, each series labelled `worker`.
+    """
+
+    POLL_S = 0.1
+    RESTART_DELAY_S = 0.25
+    RESTART_DELAY_MAX_S = 30.0
+    HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets its backoff
+
+    def __init__(self, config: Config, path: str, host: str, port: int, workers: int) -> None:
+        self.config = config
+        self.config_stat = _stat_key(path)
+        self.path = path
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self.children: dict[int, tuple[int, float]] = {}  # pid → (slot, started)
+        self.failures = [0] * workers
+        self.restart_at: dict[int, float] = {}  # slot → when to start it again
+        self.signals: list[int] = []
+        self.stopping = False
+        self.exit_code = 0
+        self.metrics_dir = ""
+
+    def run(self) -> int:
+        try:
+            reserved = _reserve_port(self.host, self.port)
+        except OSError as e:
+            log.error("cannot listen on %s:%s: %s", self.host, self.port, e.strerror or e)
+            return 1
+        self.port = reserved.getsockname()[1]
+        self.metrics_dir = tempfile.mkdtemp(prefix="evo-gateway-metrics-")
+        self.reserved = reserved
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        log.info("evo-gateway %s: supervising %d workers on http://%s:%d (SO_REUSEPORT, %d providers enabled)",
+                 __version__, self.workers, self.host, self.port, sum(p.enabled for p in self.config.providers))
+        try:
+            for slot in range(self.workers):
+                self._spawn(slot)
+            while self.children or (self.restart_at and not self.stopping):
+                self._handle_signals()
+                self._reap()
+                self._restart_due()
+                self._watch_config()
+                time.sleep(self.POLL_S)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for pid in list(self.children):
+                _kill(pid, signal.SIGKILL)
+            reserved.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        log.info("all workers stopped")
+        return self.exit_code
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)  # acted on by the loop, outside the signal handler
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._load_config()
+                for pid in self.children:
+                    _kill(pid, signal.SIGHUP)
+            elif not self.stopping:
+                self.stopping = True
+                self.restart_at.clear()
+                log.info("received %s: stopping %d workers gracefully", signal.Signals(signum).name,
+                         len(self.children))
+                for pid in self.children:
+                    _kill(pid, signal.SIGTERM)
+            else:
+                log.warning("second signal: killing the workers now")
+                self.exit_code = 1
+                for pid in self.children:
+                    _kill(pid, signal.SIGKILL)
+
+    def _spawn(self, slot: int) -> None:
+        _flush_logs()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                self.reserved.close()
+                for s in (signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(s, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                spec = WorkerSpec(slot, os.getppid(), self.metrics_dir, self.config_stat)
+                code = _run_loop(self.config, self.path, self.host, self.port, spec)
+            except BaseException:  # noqa: BLE001 - whatever happens, the worker must not return into the parent's code
+                log.exception("worker %d failed", slot)
+            finally:
+                _flush_logs()
+                os._exit(code)
+        self.children[pid] = (slot, time.monotonic())
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            if pid not in self.children:
+                continue
+            slot, started = self.children.pop(pid)
+            try:
+                os.unlink(os.path.join(self.metrics_dir, f"worker-{slot}-{pid}.json"))
+            except OSError:
+                pass
+            if os.WIFSIGNALED(status):
+                how = f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            else:
+                how = f"exited with code {os.WEXITSTATUS(status)}"
+            if self.stopping:
+                log.info("worker %d (pid %d) %s", slot, pid, how)
+                continue
+            lived = time.monotonic() - started
+            self.failures[slot] = 1 if lived >= self.HEALTHY_AFTER_S else self.failures[slot] + 1
+            delay = min(self.RESTART_DELAY_MAX_S, self.RESTART_DELAY_S * 2 ** (self.failures[slot] - 1))
+            log.error("worker %d (pid %d) %s after %.1fs; restarting it in %gs", slot, pid, how, lived, delay)
+            self.restart_at[slot] = time.monotonic() + delay
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot, when in sorted(self.restart_at.items()):
+            if when <= now and not self.stopping:
+                del self.restart_at[slot]
+                self._spawn(slot)
+
+    def _watch_config(self) -> None:
+        if _stat_key(self.path) != self.config_stat:
+            self._load_config()
+
+    def _load_config(self) -> None:
+        """Keep the newest valid config for restarted workers (the workers report errors themselves)."""
+        stat = _stat_key(self.path)
+        try:
+            config = load_config(self.path, create=False)
+        except ConfigError:
+            self.config_stat = stat
+            return
+        if (config.server.workers, config.server.host, config.server.port) != (
+                self.config.server.workers, self.config.server.host, self.config.server.port):
+            log.warning("server.workers/host/port changed in %s: a restart applies them", self.path)
+        self.config, self.config_stat = config, stat
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket on host:port: fixes port 0, fails early if it is taken."""
+    family, type_, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

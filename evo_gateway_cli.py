@@ -1,8 +1,9 @@
-"""evo-gateway command line: `serve`, and `auth generate|list|revoke` for the gateway's keys.
+"""evo-gateway command line: `serve`, `check`, and `auth generate|list|revoke` for the gateway's keys.
 
 Runs the same way from a checkout (`python3 evo_gateway_cli.py ...`), from the zipapp
 (`python3 evo_gateway.pyz ...`) and as the installed `evo-gateway` console command.
-Exit codes: 0 done, 1 refused (duplicate name, unknown name, unusable keys file), 2 usage.
+Exit codes: 0 done, 1 refused (duplicate name, unknown name, unusable keys file; for `check`: an
+enabled provider that cannot be used), 2 usage (for `check` and `serve`: an invalid config).
 """
 
 from __future__ import annotations
@@ -75,13 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the gateway",
         description="Run the gateway. Reads the config file, writing one with the defaults if it is missing; "
                     "re-reads it when it changes on disk or on SIGHUP. SIGTERM/SIGINT stop accepting "
-                    "connections and let open requests finish.")
+                    "connections and let open requests finish (up to server.shutdown_grace_s; the rest end "
+                    "with an error event); a second signal exits at once.")
     serve.add_argument("--config", metavar="PATH",
                        help="config file (default: $GATEWAY_CONFIG, else ./gateway.json)")
     serve.add_argument("--host", metavar="HOST", help="address to listen on (overrides server.host)")
     serve.add_argument("--port", metavar="PORT", type=_port, help="port to listen on (overrides server.port)")
     serve.add_argument("--workers", metavar="N", type=_positive_int,
-                       help="worker processes sharing the port with SO_REUSEPORT (overrides server.workers)")
+                       help="worker processes sharing the port with SO_REUSEPORT, supervised by this process: "
+                            "a worker that dies is restarted; SIGTERM/SIGHUP reach them all (overrides "
+                            "server.workers)")
+
+    check = commands.add_parser(
+        "check", help="validate the config and probe every enabled provider",
+        description="Validate the config file, show for each provider whether its key variables are set, "
+                    "empty or missing (never their values), probe each enabled provider once (the same "
+                    "probe as /health: GET on its model list, /api/version for Ollama; CLI tools are "
+                    "looked up on PATH, never run) and give a verdict. Exits 1 if an enabled provider "
+                    "is unusable, 2 if the config is invalid.")
+    check.add_argument("--config", metavar="PATH",
+                       help="config file (default: $GATEWAY_CONFIG, else ./gateway.json)")
+    check.add_argument("--timeout", metavar="SECONDS", type=float, default=evo_gateway.PROBE_TIMEOUT_S,
+                       help=f"give up on a probe after this long (default {evo_gateway.PROBE_TIMEOUT_S:g})")
 
     auth = commands.add_parser(
         "auth", help="manage the keys clients use to call the gateway",
@@ -121,6 +137,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     return evo_gateway.serve_main(args.config, args.host, args.port, args.workers)
+
+
+def cmd_check(config_file: str | None, timeout_s: float) -> int:
+    path = evo_gateway.config_path(config_file)
+    try:
+        config = evo_gateway.load_config(path, create=False)
+    except evo_gateway.ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    enabled = [p for p in config.providers if p.enabled]
+    print(f"config {path}: valid ({len(config.providers)} providers, {len(enabled)} enabled)")
+    loop = evo_gateway.new_event_loop()
+    try:
+        rows = loop.run_until_complete(evo_gateway.check_providers(config, timeout_s=timeout_s))
+    finally:
+        loop.close()
+    table = [("PROVIDER", "TYPE", "KEY VARIABLES", "VERDICT", "DETAIL")]
+    for row in rows:
+        keys = ", ".join(f"{name}: {state}" for name, state in row["keys"]) or "-"
+        table.append((row["name"], row["type"], keys, row["verdict"], row["detail"]))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    print()
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4])
+    unusable = [r["name"] for r in rows if r["usable"] is False]
+    print()
+    if not enabled:
+        print(f"FAIL: no provider is enabled in {path}; set \"enabled\": true for one")
+        return EXIT_REFUSED
+    if unusable:
+        print(f"FAIL: {len(unusable)} of {len(enabled)} enabled providers unusable: {', '.join(unusable)}")
+        return EXIT_REFUSED
+    print(f"OK: all {len(enabled)} enabled providers usable")
+    return EXIT_OK
 
 
 def cmd_generate(path: str, name: str) -> int:
@@ -201,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_USAGE)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "check":
+        return cmd_check(args.config, args.timeout)
     path = evo_gateway.keys_path(args.sub_keys or args.keys)
     try:
         if args.action == "generate":

@@ -11,6 +11,7 @@ class OllamaProvider(OpenAICompatProvider):
     """`base_url` is the server root (`http://localhost:11434`); both APIs hang from it."""
 
     chat_path = "/v1/chat/completions"
+    probe_path = "/api/version"
 
     def __init__(self, config: Any, pool: Any, environ: Any = None) -> None:
         super().__init__(config, pool, environ)

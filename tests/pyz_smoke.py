@@ -57,7 +57,7 @@ def smoke(python: str, pyz: str) -> dict:
                     time.sleep(0.1)
             assert status == 200, f"no /health answer from {python}: {proc.poll()=}"
             health = json.loads(body)
-            assert health["status"] == "ok"
+            assert health["status"] in ("ok", "degraded")  # degraded: no network or keys for the defaults
             with open(os.path.join(work, "gateway.json")) as f:
                 written = f.read()
             version = subprocess.run([python, "-I", pyz, "--version"], capture_output=True, text=True, timeout=20)

@@ -20,6 +20,8 @@ from mock_upstream import DROP, MockResponse, chat_chunks, chat_completion, sse_
 
 def chat_handler(record: list | None = None):
     async def handler(req):
+        if req.method == "GET":  # the /health probe
+            return MockResponse(200, {"object": "list", "data": []})
         body = req.json()
         if record is not None:
             record.append((req.path, req.headers, body))
