@@ -450,6 +450,23 @@ class SSEDecoder:
         return out
 
 
+def sse_frame_end(data: bytes) -> int:
+    """Where the last complete SSE event in `data` ends (0 if none): after its blank line."""
+    if data.endswith(b"\n\n"):
+        return len(data)  # the usual case: the chunk ends on an event boundary
+    end = 0
+    for blank_line in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = data.rfind(blank_line)
+        if i >= 0:
+            end = max(end, i + len(blank_line))
+    return end
+
+
+def ndjson_frame_end(data: bytes) -> int:
+    """Where the last complete NDJSON line in `data` ends (0 if none)."""
+    return data.rfind(b"\n") + 1
+
+
 # =============================================================================================
 # upstream client + pool
 # =============================================================================================
@@ -650,8 +667,14 @@ class UpstreamResponse:
                 return v.decode("latin-1")
         return None
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+    async def aiter_bytes(self, frame_end: Callable[[bytes], int] | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives; with `frame_end`, cut after whole frames (SSE events, NDJSON lines).
+
+        A partial frame is of no use to a client and is held until it completes, so when the
+        upstream fails mid-frame the error event that follows starts on a boundary.
+        """
         conn = self._conn
+        held = b""
         try:
             while True:
                 try:
@@ -660,10 +683,16 @@ class UpstreamResponse:
                     raise self._pool.map_error(e, conn.target) from None
                 if ended:
                     self._done = True
+                if frame_end is not None and chunk:
+                    data = held + chunk if held else chunk
+                    end = frame_end(data)
+                    held, chunk = data[end:], data[:end]
                 if chunk:
                     yield chunk
                 if ended:
                     break
+            if held:
+                yield held
         finally:
             self._release()
 
@@ -1050,8 +1079,14 @@ class HttpProvider(Provider):
         if stream and 200 <= resp.status < 300:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
             is_sse = (resp.header(b"content-type") or "").startswith("text/event-stream")
-            return Reply(resp.status, headers, resp.aiter_bytes(), sse=is_sse)
+            # Relayed in whole frames; a Responses stream is framed by its relay in the gateway.
+            frame_end = None if kind == "responses" else self.frame_end_for(kind)
+            return Reply(resp.status, headers, resp.aiter_bytes(frame_end), sse=is_sse)
         return Reply(resp.status, headers, await resp.read())
+
+    @staticmethod
+    def frame_end_for(kind: str) -> Callable[[bytes], int]:
+        return ndjson_frame_end if kind.startswith("ollama_") else sse_frame_end
 
     async def request_json(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> dict:
         resp = await self.send(self.native_paths[kind], body, ctx, False)
@@ -1524,44 +1559,6 @@ def stream_error_frame(kind: str, err: GatewayError, relay: ResponsesRelay | Non
     return b"\n\ndata: " + payload.encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def _last_event_end(data: bytes) -> int:
-    """Where the last complete SSE event in `data` ends (0 if none): after its blank line."""
-    end = 0
-    for blank_line in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        i = data.rfind(blank_line)
-        if i >= 0:
-            end = max(end, i + len(blank_line))
-    return end
-
-
-async def _whole_frames(chunks: AsyncIterator[bytes], ndjson: bool) -> AsyncIterator[bytes]:
-    """A relayed stream passed on in whole SSE events (or NDJSON lines), bytes unchanged.
-
-    A partial frame is of no use to a client and is held until it completes; so when the
-    upstream fails mid-frame, the error event that follows starts on a boundary and every
-    frame the client got parses.
-    """
-    held = b""
-    try:
-        async for chunk in chunks:
-            data = held + chunk if held else chunk
-            if ndjson:
-                end = data.rfind(b"\n") + 1
-            elif data.endswith(b"\n\n"):
-                end = len(data)  # the usual case: the chunk ends on an event boundary
-            else:
-                end = _last_event_end(data)
-            if end <= 0:
-                held = data
-                continue
-            held = data[end:]
-            yield data[:end]
-        if held:
-            yield held
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
-
-
 class ChatStream:
     """Chat chunks → OpenAI SSE frames, for OpenAI clients of providers that do not speak OpenAI."""
 
@@ -1605,7 +1602,7 @@ class ResponsesRelay:
     def feed(self, chunk: bytes) -> bytes:
         """The bytes that are safe to relay now (whole events); the rest is held."""
         data = self._held + chunk if self._held else chunk
-        end = _last_event_end(data)
+        end = sse_frame_end(data)
         ready, self._held = data[:end], data[end:]
         if ready:
             self._observe(ready)
@@ -1876,7 +1873,6 @@ class Gateway:
                 reply.body = self._relay_responses(reply.body, relay, ctx)
                 reply.error_frame = functools.partial(stream_error_frame, kind, relay=relay)
             else:
-                reply.body = _whole_frames(reply.body, kind in OLLAMA_KINDS)
                 reply.error_frame = functools.partial(stream_error_frame, kind)
             return reply
         return await self._bridge(kind, provider, body, model, stream, ctx)
