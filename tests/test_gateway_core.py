@@ -148,7 +148,7 @@ def test_disabled_provider_prefix_is_503_naming_it(harness):
     with pytest.raises(openai.APIStatusError) as e:
         client(url).chat.completions.create(model="off:m", messages=[{"role": "user", "content": "x"}])
     assert e.value.status_code == 503
-    assert "'off' is disabled" in e.value.message
+    assert "'off' is disabled" in e.value.body["message"]
 
 
 def test_key_rotation_round_robin_and_cooldown(harness):
