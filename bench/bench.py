@@ -414,8 +414,8 @@ def print_profile(profile_file: str) -> None:
         print(f"\nno profile ({e}); did the gateway exit cleanly on SIGTERM?")
         return
     for order, label in (("cumulative", "cumulative"), ("tottime", "self time")):
-        print(f"\n--- gateway profile: top 25 by {label}, functions in evo_gateway.py and providers/ ---")
-        stats.sort_stats(order).print_stats(r"evo_gateway\.py|providers", 25)
+        print(f"\n--- gateway profile: top 25 by {label}, functions in evo_gateway.py, evo_http.py and providers/ ---")
+        stats.sort_stats(order).print_stats(r"evo_gateway\.py|evo_http\.py|providers", 25)
     print("\n--- gateway profile: top 25 by self time, all code ---")
     stats.sort_stats("tottime").print_stats(25)
 

@@ -42,7 +42,7 @@ def stage_h11(stage: str) -> str:
 def build(output: str) -> None:
     with tempfile.TemporaryDirectory(prefix="evo-gateway-build-") as stage:
         how = stage_h11(stage)
-        for name in ("evo_gateway.py", "evo_gateway_cli.py"):
+        for name in ("evo_gateway.py", "evo_http.py", "evo_gateway_cli.py"):
             shutil.copy2(os.path.join(ROOT, name), stage)
         shutil.copytree(os.path.join(ROOT, "providers"), os.path.join(stage, "providers"),
                         ignore=shutil.ignore_patterns("__pycache__"))
