@@ -37,9 +37,23 @@ def run_async(fn: Callable) -> Callable:
         try:
             return loop.run_until_complete(asyncio.wait_for(fn(*args, **kwargs), TIMEOUT_S))
         finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
     return wrapper
+
+
+def is_gone(pid: int) -> bool:
+    """No such process, or only a zombie left for a PID 1 that does not reap (some containers)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 class LoopThread:

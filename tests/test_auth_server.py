@@ -25,6 +25,7 @@ import openai
 import pytest
 from conftest import ROOT, provider
 from mock_upstream import MockResponse, chat_completion
+from pyz_smoke import free_port
 
 import evo_gateway
 
@@ -415,12 +416,6 @@ def test_request_log_names_the_key_and_never_holds_it(gateway, keys, caplog):
 
 
 # -- the real process -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, within: float, what: str) -> None:

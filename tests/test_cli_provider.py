@@ -10,7 +10,6 @@ an ordinary variable of the test's own environment.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import is_gone, run_async
 
 from evo_gateway import GatewayError, RequestContext
 from providers.cli import (
@@ -35,21 +35,6 @@ from providers.cli import (
 
 FAKE_DIR = Path(__file__).parent / "fake_cli"
 DATA_DIR = Path(__file__).parent / "data" / "cli"
-
-
-def run_async(fn):
-    """Run an `async def` test to completion in a fresh event loop (no async test plugin)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        loop = asyncio.new_event_loop()
-        try:
-            return loop.run_until_complete(fn(*args, **kwargs))
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    return wrapper
 
 
 # name, class, fake script, binary env, timeout env, content, usage
@@ -114,19 +99,6 @@ def ctx() -> RequestContext:
 
 async def collect(stream) -> list[dict]:
     return [chunk async for chunk in stream]
-
-
-def is_gone(pid: int) -> bool:
-    """No such process, or only a zombie left for a PID 1 that does not reap (some containers)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 async def wait_gone(*pids: int, timeout_s: float = 5.0) -> None:

@@ -25,7 +25,8 @@ import anthropic
 import ollama
 import openai
 import pytest
-from conftest import ROOT
+from conftest import ROOT, is_gone
+from pyz_smoke import free_port
 
 from evo_gateway import ChatStream, Gateway, GatewayError, RequestContext, parse_config
 
@@ -98,19 +99,6 @@ def openai_client(url: str) -> openai.OpenAI:
 
 def ask(prompt: str = "What is the answer?") -> list[dict]:
     return [{"role": "user", "content": prompt}]
-
-
-def is_gone(pid: int) -> bool:
-    """No such process, or only a zombie left for a PID 1 that does not reap (some containers)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def wait_gone(*pids: int, timeout_s: float = POLL_S) -> None:
@@ -410,12 +398,6 @@ def test_gateway_shutdown_kills_running_cli_processes_before_it_returns(harness,
         wait_gone(rec["pid"], rec["grandchild"], timeout_s=2)
     finally:
         s.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_process_sigterm_leaves_no_orphan_even_when_the_tool_ignores_sigterm(tools, tmp_path):
