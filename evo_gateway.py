@@ -2394,7 +2394,11 @@ class Server:
         if self._ticker is not None:
             self._ticker.cancel()
         for srv in self._servers:
-            await srv.wait_closed() if sys.version_info < (3, 12) else None
+            # Python 3.12+ also waits here for the connections, which were all just closed.
+            try:
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                log.debug("listener still closing after 1 s; going on")
         for provider in self.gateway.state.providers.values():
             await provider.aclose()
         self.gateway.pool.close_all()
