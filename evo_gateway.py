@@ -1812,6 +1812,7 @@ class HttpConnection(asyncio.Protocol):
         self.waiting_head = False
         self.requests_served = 0
         self.streaming_sse = False
+        self.bytes_in = 0
         self.pending_head = b""
         self.stream_last_write = 0.0
         self.stream_at_boundary = True
@@ -1831,6 +1832,7 @@ class HttpConnection(asyncio.Protocol):
         self.task = asyncio.get_event_loop().create_task(self.run())
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         try:
             self.conn.receive_data(data)
         except RuntimeError:  # data after EOF: nothing more is read from this connection
@@ -1947,6 +1949,7 @@ class HttpConnection(asyncio.Protocol):
         idle = self.requests_served > 0 and not self.conn.trailing_data[0]
         self.deadline = loop_time() + (self.limits.keep_alive_s if idle else self.limits.head_timeout_s)
         self.waiting_head = True
+        self.bytes_in = len(self.conn.trailing_data[0])  # counts toward this head from here on
         try:
             while True:
                 try:
@@ -1966,10 +1969,11 @@ class HttpConnection(asyncio.Protocol):
                     await self._wait_for_data()
                     continue
                 if isinstance(event, h11.Request):
-                    # h11 enforces the limit only on heads that arrive in pieces; a head read in
-                    # one go is measured here.
-                    size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                    if size > self.limits.max_head_bytes:
+                    # h11 enforces the limit only on a head still incomplete; one that arrived
+                    # whole is measured here, when enough bytes came in for it to be too big.
+                    if self.bytes_in > self.limits.max_head_bytes and (
+                            len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+                            > self.limits.max_head_bytes):
                         await self._send_early_error(431, "the request head is larger than the limit of "
                                                           f"{self.limits.max_head_bytes} bytes", "openai")
                         return None

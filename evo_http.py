@@ -379,8 +379,21 @@ class UpstreamResponse:
             self._release()
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.aiter_bytes()]
-        return b"".join(parts)
+        """The whole body (a plain loop: no async generator for the common non-stream case)."""
+        conn = self._conn
+        parts = []
+        try:
+            while True:
+                try:
+                    chunk, ended = await conn.read_body_chunk()
+                except BaseException as e:
+                    raise self._pool.map_error(e, conn.target) from None
+                parts.append(chunk)
+                if ended:
+                    self._done = True
+                    return b"".join(parts)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         conn, self._conn = self._conn, None
