@@ -973,7 +973,12 @@ ROUTES: dict[str, tuple[str, str, str]] = {
     "/api/show": ("POST", "ollama_show", "ollama"),
     "/api/tags": ("GET", "tags", "ollama"),
     "/api/version": ("GET", "version", "ollama"),
+    "/api/ps": ("GET", "running", "ollama"),
+    # Ollama's own liveness check (its CLI and several UIs ask `HEAD /` before anything else).
+    "/": ("GET", "root", "openai"),
 }
+# Liveness checks that never need a gateway key and reveal nothing.
+OPEN_KINDS = frozenset({"health", "root"})
 OLLAMA_KINDS = frozenset({"ollama_chat", "ollama_generate", "ollama_embed", "ollama_embeddings", "ollama_show"})
 # Fields each kind cannot do without: checked before anything reaches an upstream.
 REQUIRED_FIELDS: dict[str, tuple[tuple[str, type, str], ...]] = {
@@ -1314,6 +1319,10 @@ class Gateway:
             return json_reply({"models": [self.tr.ollama_tags_entry(mid) for _, mid in self.state.model_ids()]})
         if kind == "version":
             return json_reply({"version": "0.12.0"})
+        if kind == "running":  # no model is "loaded" in a gateway
+            return json_reply({"models": []})
+        if kind == "root":
+            return Reply(200, [(b"content-type", b"text/plain; charset=utf-8")], b"Ollama is running\n")
         if kind == "metrics":
             return Reply(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
                          self.render_metrics().encode())
@@ -2024,7 +2033,7 @@ class HttpConnection(asyncio.Protocol):
                 if not (method == "HEAD" and route[0] == "GET"):
                     raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
                                        headers=[("allow", allow)])
-            if gateway.auth is not None and kind != "health":
+            if gateway.auth is not None and kind not in OPEN_KINDS:
                 try:
                     key_name = gateway.authenticate(headers)
                 except GatewayError as e:
