@@ -50,6 +50,7 @@ from evo_http import (
     UpstreamPool,
     UpstreamResponse,
     UpstreamTarget,
+    json_bytes,
     ndjson_frame_end,
     sse_frame_end,
     ssl_context_for,
@@ -414,7 +415,7 @@ NDJSON_HEADERS = [(b"content-type", b"application/x-ndjson"), (b"cache-control",
 
 
 def json_reply(obj: Any, status: int = 200, headers: list | None = None) -> Reply:
-    return Reply(status, JSON_HEADERS + (headers or []), json.dumps(obj, ensure_ascii=False).encode())
+    return Reply(status, JSON_HEADERS + (headers or []), json_bytes(obj))
 
 
 class Provider:
@@ -540,7 +541,7 @@ class HttpProvider(Provider):
         t0 = time.monotonic()
         try:
             resp = await self.pool.request(self.target, "POST", path, headers,
-                                           json.dumps(body, ensure_ascii=False).encode())
+                                           json_bytes(body))
         except GatewayError as e:
             self.last_result = (False, e.message, None, time.time())
             raise
@@ -1050,7 +1051,7 @@ class ChatStream:
         self.done = False
 
     def feed(self, chunk: dict) -> list[bytes]:
-        return [b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"]
+        return [b"data: " + json_bytes(chunk) + b"\n\n"]
 
     def finish(self) -> list[bytes]:
         return [b"data: [DONE]\n\n"]
@@ -1118,7 +1119,7 @@ class ResponsesRelay:
     def _frame(self, etype: str, **fields: Any) -> bytes:
         data = dict(type=etype, sequence_number=self._next_seq, **fields)
         self._next_seq += 1
-        return f"event: {etype}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+        return b"event: " + etype.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
     def failed_frames(self, message: str) -> bytes:
         """`response.failed` (after a `response.created` if the client has seen none) for `message`."""
@@ -1331,9 +1332,13 @@ class Gateway:
     async def handle_post(self, kind: str, dialect: str, raw: bytes, ctx: RequestContext) -> Reply:
         """Parse, validate, route and answer one POST; errors raised here are rendered by the caller."""
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise GatewayError(400, f"the request body is not valid JSON ({e})", "invalid_request") from None
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise GatewayError(400, f"the request body is not UTF-8 ({e.reason} at byte {e.start})",
+                               "invalid_request") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than JSON needs
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise GatewayError(400, f"the request body is not valid JSON ({reason})", "invalid_request") from None
         if not isinstance(body, dict):
             raise GatewayError(400, "the request body must be a JSON object", "invalid_request")
         model = body.get("model")

@@ -10,12 +10,13 @@ upstream client + pool.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import h11
@@ -130,6 +131,16 @@ class SSEDecoder:
             elif name == "event":
                 self._event = value
         return out
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON. A lone surrogate (a legal JSON escape, not encodable as UTF-8) stays
+    an escape instead of failing the request: the object is then written ASCII-escaped."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def sse_frame_end(data: bytes) -> int:

@@ -24,6 +24,8 @@ import time
 import uuid
 from typing import Any
 
+from evo_http import json_bytes
+
 # ---------------------------------------------------------------------------------------------
 # shared helpers
 # ---------------------------------------------------------------------------------------------
@@ -42,15 +44,15 @@ class InvalidRequest(ValueError):
 
 def sse(data: Any, event: str | None = None) -> bytes:
     """One SSE frame: an optional `event:` line, one single-line `data:` line, a blank line."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    payload = data.encode() if isinstance(data, str) else json_bytes(data)
     if event is None:
-        return b"data: " + payload.encode() + b"\n\n"
-    return b"event: " + event.encode() + b"\ndata: " + payload.encode() + b"\n\n"
+        return b"data: " + payload + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
 
 
 def ndjson(data: Any) -> bytes:
     """One NDJSON line (Ollama's stream framing)."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return json_bytes(data) + b"\n"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -476,9 +476,7 @@ def test_api_malformed_json_and_unknown_path_get_ollama_errors(harness):
     assert r.status_code == 404 and set(r.json()) == {"error"} and "/api/pull" in r.json()["error"]
     r = httpx.get(url + "/api/chat", timeout=10)
     assert r.status_code == 405 and set(r.json()) == {"error"} and r.headers["allow"] == "POST"
-    with pytest.raises(ollama.ResponseError) as e:
-        oclient(url).ps()
-    assert e.value.status_code == 404
+    assert oclient(url).ps().models == []  # a gateway has no loaded models to list
     assert seen == [] and compat_seen == []
 
 
