@@ -1800,7 +1800,7 @@ _STATUS_PHRASES = {code: phrase.encode() for code, phrase in (
     (401, "Unauthorized"), (403, "Forbidden"), (404, "Not Found"), (405, "Method Not Allowed"),
     (408, "Request Timeout"), (409, "Conflict"), (413, "Content Too Large"), (415, "Unsupported Media Type"),
     (422, "Unprocessable Content"), (429, "Too Many Requests"), (431, "Request Header Fields Too Large"),
-    (500, "Internal Server Error"), (502, "Bad Gateway"), (503, "Service Unavailable"),
+    (500, "Internal Server Error"), (501, "Not Implemented"), (502, "Bad Gateway"), (503, "Service Unavailable"),
     (504, "Gateway Timeout"), (529, "Overloaded"))}
 _SERVER_HEADER = (b"server", f"evo-gateway/{__version__}".encode())
 
@@ -1909,6 +1909,14 @@ class HttpConnection(asyncio.Protocol):
             await self._data_waiter
         finally:
             self._data_waiter = None
+
+    async def _wait_for_body_data(self) -> None:
+        """Wait for more of a request body; a client silent for head_timeout_s is dropped (ticker)."""
+        self.deadline = time.monotonic() + self.limits.head_timeout_s
+        try:
+            await self._wait_for_data()
+        finally:
+            self.deadline = None
 
     async def _drain(self) -> None:
         if self._write_paused and not self.closed:
@@ -2126,7 +2134,7 @@ class HttpConnection(asyncio.Protocol):
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                await self._wait_for_data()
+                await self._wait_for_body_data()
                 continue
             if isinstance(event, h11.Data):
                 size += len(event.data)

@@ -505,3 +505,15 @@ def test_hostile_json_bodies_get_400_not_500(harness):
     status, reply = _status_and_json(raw_request(harness.port, post_head("/v1/chat/completions", body)))
     assert status == 200 and reply["choices"][0]["message"]["content"] == "Hello!"
     assert seen[-1][2]["messages"][0]["content"] == "\ud800 hi"
+
+
+def test_client_that_stops_sending_its_body_is_dropped(harness):
+    up = harness.upstream(chat_handler())
+    harness.start([provider("mock", up.url)], server={"head_timeout_s": 1})
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"model\":")
+        t0 = time.monotonic()
+        assert s.recv(100) == b""  # closed by the server, not answered and not held open
+        assert time.monotonic() - t0 < 8
+    assert up.requests == []
