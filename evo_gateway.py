@@ -1815,6 +1815,7 @@ class HttpConnection(asyncio.Protocol):
         self.limits = limits
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task | None = None
         self._data_waiter: asyncio.Future | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -1843,7 +1844,8 @@ class HttpConnection(asyncio.Protocol):
                 pass
         self.server.connections.add(self)
         self.gateway.metrics.open_connections += 1
-        self.task = asyncio.get_event_loop().create_task(self.run())
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self.run())
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -1904,7 +1906,7 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
-        self._data_waiter = asyncio.get_event_loop().create_future()
+        self._data_waiter = self.loop.create_future()
         try:
             await self._data_waiter
         finally:
@@ -1920,7 +1922,7 @@ class HttpConnection(asyncio.Protocol):
 
     async def _drain(self) -> None:
         if self._write_paused and not self.closed:
-            self._drain_waiter = asyncio.get_event_loop().create_future()
+            self._drain_waiter = self.loop.create_future()
             try:
                 await self._drain_waiter
             finally:
