@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import h11
 
 from evo_http import (
+    END_OF_MESSAGE,
     GatewayError,
     SSEDecoder,
     UpstreamPool,
@@ -2025,8 +2026,8 @@ class HttpConnection(asyncio.Protocol):
         path = target.split("?", 1)[0]
         method = request.method.decode("latin-1")
         headers: dict[str, str] = {}
-        for name, value in request.headers:
-            key = name.decode("latin-1")
+        for name, value in request.headers.raw_items():  # a plain list: iterating Headers is slow
+            key = name.decode("latin-1").lower()
             headers[key] = value.decode("latin-1") if key not in headers else headers[key] + ", " + value.decode(
                 "latin-1")
         ctx = RequestContext(request_id, headers)
@@ -2163,7 +2164,7 @@ class HttpConnection(asyncio.Protocol):
             data = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
             if body:
                 data += self.conn.send(h11.Data(data=body))
-            data += self.conn.send(h11.EndOfMessage())
+            data += self.conn.send(END_OF_MESSAGE)
             self._write(data)
             return
         metrics = self.gateway.metrics
@@ -2194,7 +2195,7 @@ class HttpConnection(asyncio.Protocol):
                 if ctx is not None:
                     ctx.note(stream_error=err.message)
                 await self._write_chunk(reply.error_frame(err))
-            self._write(self.pending_head + self.conn.send(h11.EndOfMessage()))
+            self._write(self.pending_head + self.conn.send(END_OF_MESSAGE))
             self.pending_head = b""
         finally:
             self.streaming_sse = False

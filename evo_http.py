@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import h11
 
 READ_CHUNK_BYTES = 65536
+END_OF_MESSAGE = h11.EndOfMessage()  # h11 events are immutable: one instance serves every message
 
 # =============================================================================================
 # errors
@@ -268,7 +269,7 @@ class UpstreamConnection:
     async def send_request(self, method: bytes, target: bytes, headers: list, body: bytes) -> None:
         data = self.h11.send(h11.Request(method=method, target=target, headers=headers))
         data += self.h11.send(h11.Data(data=body)) if body else b""
-        data += self.h11.send(h11.EndOfMessage())
+        data += self.h11.send(END_OF_MESSAGE)
         self.writer.write(data)
         await self.writer.drain()
 
@@ -548,7 +549,8 @@ class UpstreamPool:
                     attempt += 1
                     continue
                 raise self.map_error(e, target) from None
-            return UpstreamResponse(head.status_code, list(head.headers), conn, self)
+            headers = [(name.lower(), value) for name, value in head.headers.raw_items()]
+            return UpstreamResponse(head.status_code, headers, conn, self)
 
     @staticmethod
     def map_error(e: BaseException, target: UpstreamTarget) -> BaseException:
