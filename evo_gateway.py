@@ -1825,7 +1825,6 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.handling = False  # a request is in flight (client gone → cancel it)
         self.deadline: float | None = None
-        self.waiting_head = False
         self.requests_served = 0
         self.streaming_sse = False
         self.bytes_in = 0
@@ -1973,7 +1972,6 @@ class HttpConnection(asyncio.Protocol):
         loop_time = time.monotonic
         idle = self.requests_served > 0 and not self.conn.trailing_data[0]
         self.deadline = loop_time() + (self.limits.keep_alive_s if idle else self.limits.head_timeout_s)
-        self.waiting_head = True
         self.bytes_in = len(self.conn.trailing_data[0])  # counts toward this head from here on
         try:
             while True:
@@ -2005,8 +2003,7 @@ class HttpConnection(asyncio.Protocol):
                     return event
                 return None  # ConnectionClosed, or PAUSED after a close
         finally:
-            self.waiting_head = False
-            self.deadline = None
+                self.deadline = None
 
     async def _send_early_error(self, status: int, message: str, dialect: str) -> None:
         """An error answered before the request was understood; the connection closes after it."""

@@ -935,6 +935,3 @@ class CursorProvider(CliProvider):
 
     def new_parser(self) -> EventParser:
         return CursorEventParser()
-
-
-REGISTRY = {"claude_code": ClaudeCodeProvider, "codex_cli": CodexCliProvider, "cursor": CursorProvider}

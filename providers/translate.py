@@ -1118,17 +1118,6 @@ def estimate_anthropic_tokens(body: dict) -> int:
     return max(1, math.ceil(chars / 4) + images * _ANT_IMAGE_TOKEN_GUESS)
 
 
-def anthropic_error_type(status: int) -> str:
-    """Anthropic's `error.type` for an HTTP status (WIRE §4.5); unknown 4xx → invalid_request_error."""
-    known = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-             403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-             429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
-             504: "timeout_error", 529: "overloaded_error"}
-    if status in known:
-        return known[status]
-    return "invalid_request_error" if 400 <= status < 500 else "api_error"
-
-
 # ---------------------------------------------------------------------------------------------
 # Ollama ⇄ Chat
 # ---------------------------------------------------------------------------------------------
@@ -1929,23 +1918,6 @@ def _chat_tool_choice(choice: Any, tmap: ResponsesToolMap, chat_tools: list[dict
         # Chat has no allow-list; every expressible tool is offered, keep the mode.
         return choice["mode"]
     return None  # hosted-tool choices (web_search, mcp, ...) refer to dropped tools
-
-
-def _parts_text(parts: Any) -> str:
-    if isinstance(parts, str):
-        return parts
-    if not isinstance(parts, list):
-        return "" if parts is None else json.dumps(parts, ensure_ascii=False)
-    texts = []
-    for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-        elif isinstance(part, dict):
-            if isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif isinstance(part.get("refusal"), str):
-                texts.append(part["refusal"])
-    return "\n".join(texts)
 
 
 def _image_part(part: dict) -> dict | None:

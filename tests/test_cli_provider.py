@@ -22,7 +22,6 @@ from conftest import is_gone, run_async
 
 from evo_gateway import GatewayError, RequestContext
 from providers.cli import (
-    REGISTRY,
     ClaudeCodeProvider,
     ClaudeEventParser,
     CodexCliProvider,
@@ -545,7 +544,9 @@ def test_env_settings_and_defaults(caplog):
 
 
 def test_registry_names_the_three_types():
-    assert REGISTRY == {"claude_code": ClaudeCodeProvider, "codex_cli": CodexCliProvider, "cursor": CursorProvider}
+    import providers
+    assert [providers.provider_class(t) for t in ("claude_code", "codex_cli", "cursor")] == [
+        ClaudeCodeProvider, CodexCliProvider, CursorProvider]
     assert ClaudeCodeProvider(SimpleNamespace(name="cc", provider_type="claude_code", models=[])).environ is os.environ
 
 

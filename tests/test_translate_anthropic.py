@@ -23,7 +23,6 @@ from providers.translate import (
     ChatToAnthropicStream,
     InvalidRequest,
     UpstreamStreamError,
-    anthropic_error_type,
     anthropic_to_chat_request,
     anthropic_to_chat_response,
     anthropic_tool_name_map,
@@ -370,16 +369,6 @@ def test_estimate_anthropic_tokens():
     # 40 + 40 + (2 + 2) + 8 + len('[{"name": "t"}]') = 107 chars → 27 tokens, plus 1,600 for the image
     assert estimate_anthropic_tokens(body) == 27 + 1600
     assert estimate_anthropic_tokens(_claude_code_body()) > 100
-
-
-@pytest.mark.parametrize("status, kind", [
-    (400, "invalid_request_error"), (401, "authentication_error"), (402, "billing_error"),
-    (403, "permission_error"), (404, "not_found_error"), (409, "invalid_request_error"),
-    (413, "request_too_large"), (422, "invalid_request_error"), (429, "rate_limit_error"),
-    (500, "api_error"), (502, "api_error"), (503, "overloaded_error"), (504, "timeout_error"),
-    (529, "overloaded_error"), (599, "api_error")])
-def test_anthropic_error_type(status, kind):
-    assert anthropic_error_type(status) == kind
 
 
 # ---------------------------------------------------------------------------------------------
