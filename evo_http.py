@@ -367,16 +367,10 @@ class UpstreamResponse:
         A partial frame is of no use to a client and is held until it completes, so when the
         upstream fails mid-frame the error event that follows starts on a boundary.
         """
-        conn = self._conn
         held = b""
         try:
             while True:
-                try:
-                    chunk, ended = await conn.read_body_chunk()
-                except BaseException as e:
-                    raise self._pool.map_error(e, conn.target) from None
-                if ended:
-                    self._done = True
+                chunk, ended = await self._next_piece()
                 if frame_end is not None and chunk:
                     data = held + chunk if held else chunk
                     end = frame_end(data)
@@ -392,20 +386,25 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (a plain loop: no async generator for the common non-stream case)."""
-        conn = self._conn
         parts = []
         try:
             while True:
-                try:
-                    chunk, ended = await conn.read_body_chunk()
-                except BaseException as e:
-                    raise self._pool.map_error(e, conn.target) from None
+                chunk, ended = await self._next_piece()
                 parts.append(chunk)
                 if ended:
-                    self._done = True
                     return b"".join(parts)
         finally:
             self._release()
+
+    async def _next_piece(self) -> tuple[bytes, bool]:
+        conn = self._conn
+        try:
+            chunk, ended = await conn.read_body_chunk()
+        except BaseException as e:
+            raise self._pool.map_error(e, conn.target) from None
+        if ended:
+            self._done = True
+        return chunk, ended
 
     def _release(self) -> None:
         conn, self._conn = self._conn, None

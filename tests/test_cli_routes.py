@@ -26,7 +26,7 @@ import ollama
 import openai
 import pytest
 from conftest import ROOT, is_gone
-from pyz_smoke import free_port
+from pyz_smoke import free_port, http_get
 
 from evo_gateway import ChatStream, Gateway, GatewayError, RequestContext, parse_config
 
@@ -441,16 +441,8 @@ def test_serve_process_sigterm_leaves_no_orphan_even_when_the_tool_ignores_sigte
 def test_health_reports_whether_each_cli_binary_is_found_without_running_it(harness, tools, tmp_path):
     harness.start([cli_provider(n) for n in TOOLS] + [dict(cli_provider("codex-cli"), name="off", enabled=False)],
                   environ=dict(tools.environ, CURSOR_AGENT_BINARY=str(tmp_path / "no-such-agent")))
-    with socket.create_connection(("127.0.0.1", harness.port), timeout=POLL_S) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
+    status, body = http_get(harness.port, "/health")
+    assert status == 200
     entries = {p["name"]: p for p in json.loads(body)["providers"]}
     assert entries["claude-code"]["binary"] == tools.environ["CLAUDE_CODE_BINARY"]
     assert entries["claude-code"]["ok"] is True
