@@ -53,6 +53,7 @@ from evo_http import (
     UpstreamTarget,
     json_bytes,
     ndjson_frame_end,
+    set_nodelay,
     sse_frame_end,
     ssl_context_for,
 )
@@ -1836,12 +1837,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport)
         self.server.connections.add(self)
         self.gateway.metrics.open_connections += 1
         self.loop = asyncio.get_running_loop()

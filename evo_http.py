@@ -175,6 +175,16 @@ def ndjson_frame_end(data: bytes) -> int:
 # keep-alive race; only then is the request retried once on a fresh connection.
 
 
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Small writes (an SSE event, a response head) go out at once, not after Nagle's wait."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 class _StaleConnection(Exception):
     """A reused connection died before any response byte arrived: safe to retry once."""
 
@@ -253,12 +263,7 @@ class UpstreamConnection:
             asyncio.open_connection(target.host, target.port, ssl=target.ssl,
                                     server_hostname=target.server_hostname, limit=READ_CHUNK_BYTES * 4),
             target.connect_timeout_s)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(writer.transport)
         return cls(target, reader, writer)
 
     def is_idle_and_usable(self) -> bool:
