@@ -1987,7 +1987,7 @@ class HttpConnection(asyncio.Protocol):
                         return None
                     await self._wait_for_data()
                     continue
-                if isinstance(event, h11.Request):
+                if type(event) is h11.Request:
                     # h11 enforces the limit only on a head still incomplete; one that arrived
                     # whole is measured here, when enough bytes came in for it to be too big.
                     if self.bytes_in > self.limits.max_head_bytes and (
@@ -2099,12 +2099,12 @@ class HttpConnection(asyncio.Protocol):
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
                     await self._wait_for_data()
-                elif isinstance(event, h11.Data):
+                elif type(event) is h11.Data:
                     budget -= len(event.data)
                     if budget < 0:
                         return False
                 else:
-                    return isinstance(event, h11.EndOfMessage)
+                    return type(event) is h11.EndOfMessage
         except (h11.RemoteProtocolError, ConnectionError):
             return False
         finally:
@@ -2132,14 +2132,14 @@ class HttpConnection(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 await self._wait_for_body_data()
                 continue
-            if isinstance(event, h11.Data):
+            if type(event) is h11.Data:
                 size += len(event.data)
                 if size > limit:
                     raise _CloseAfter(GatewayError(413, f"the request body is over the limit of {limit} bytes "
                                                         "(server.max_body_bytes)"))
                 parts.append(event.data)
                 continue
-            if isinstance(event, h11.EndOfMessage):
+            if type(event) is h11.EndOfMessage:
                 return b"".join(parts)
             raise _CloseAfter(GatewayError(400, "the request body ended early"))
 
