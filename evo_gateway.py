@@ -80,7 +80,7 @@ FORWARDED_REQUEST_HEADERS = frozenset({
 })
 # Upstream response headers worth relaying to the client.
 RELAYED_RESPONSE_HEADERS = frozenset({
-    "content-type", "retry-after", "retry-after-ms", "x-should-retry", "openai-processing-ms",
+    "content-type", "content-encoding", "retry-after", "retry-after-ms", "x-should-retry", "openai-processing-ms",
     "openai-version", "request-id", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",

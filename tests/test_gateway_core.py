@@ -517,3 +517,19 @@ def test_client_that_stops_sending_its_body_is_dropped(harness):
         assert s.recv(100) == b""  # closed by the server, not answered and not held open
         assert time.monotonic() - t0 < 8
     assert up.requests == []
+
+
+def test_upstream_that_compresses_anyway_is_relayed_with_its_content_encoding(harness):
+    """The gateway asks for identity; an upstream that gzips regardless must not reach the client garbled."""
+    import gzip
+    seen: list = []
+
+    async def handler(req):
+        seen.append(req.headers.get("accept-encoding"))
+        return MockResponse(200, gzip.compress(json.dumps(chat_completion("zipped")).encode()),
+                            headers=[("content-encoding", "gzip")], content_type="application/json")
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url)])
+    r = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content == "zipped"
+    assert seen == ["identity"]
