@@ -278,7 +278,8 @@ class UpstreamConnection:
         data += self.h11.send(h11.Data(data=body)) if body else b""
         data += self.h11.send(END_OF_MESSAGE)
         self.writer.write(data)
-        await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size():  # only a large body waits for the socket
+            await self.writer.drain()
 
     async def read_response_head(self) -> h11.Response:
         got_bytes = False
