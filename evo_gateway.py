@@ -1038,29 +1038,31 @@ def stream_error_frame(kind: str, err: GatewayError, relay: ResponsesRelay | Non
     if kind in OLLAMA_KINDS:
         return json.dumps({"error": err.message}).encode() + b"\n"
     if kind in ("messages", "count_tokens"):
-        payload = json.dumps(error_body("anthropic", err))
-        return b"\n\nevent: error\ndata: " + payload.encode() + b"\n\n"
+        return b"event: error\ndata: " + json_bytes(error_body("anthropic", err)) + b"\n\n"
     if kind == "responses":
         return (relay or ResponsesRelay()).failed_frames(err.message)
-    payload = json.dumps(error_body("openai", err))
-    return b"\n\ndata: " + payload.encode() + b"\n\ndata: [DONE]\n\n"
+    return _openai_error_event(err) + _OPENAI_DONE
+
+
+_OPENAI_DONE = b"data: [DONE]\n\n"
+
+
+def _openai_error_event(err: GatewayError) -> bytes:
+    """An OpenAI stream's in-band error (the SDK raises on a truthy top-level "error")."""
+    return b"data: " + json_bytes(error_body("openai", err)) + b"\n\n"
 
 
 class ChatStream:
     """Chat chunks → OpenAI SSE frames, for OpenAI clients of providers that do not speak OpenAI."""
 
-    def __init__(self) -> None:
-        self.done = False
-
     def feed(self, chunk: dict) -> list[bytes]:
         return [b"data: " + json_bytes(chunk) + b"\n\n"]
 
     def finish(self) -> list[bytes]:
-        return [b"data: [DONE]\n\n"]
+        return [_OPENAI_DONE]
 
     def fail(self, message: str) -> list[bytes]:
-        err = {"error": {"message": message, "type": "upstream_error", "param": None, "code": None}}
-        return [b"data: " + json.dumps(err).encode() + b"\n\n", b"data: [DONE]\n\n"]
+        return [_openai_error_event(GatewayError(502, message, "upstream")), _OPENAI_DONE]
 
 
 class ResponsesRelay:
