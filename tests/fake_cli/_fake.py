@@ -102,20 +102,37 @@ def claude_assistant(msg_id, blocks):
             "parent_tool_use_id": None, "session_id": "sess-1", "uuid": "u-" + msg_id}
 
 
-def claude(prompt):
-    emit({"type": "system", "subtype": "init", "session_id": "sess-1", "cwd": os.getcwd(), "model": "claude-fake",
-          "tools": ["Bash", "Read"], "mcp_servers": [], "permissionMode": "default", "apiKeySource": "none"})
-    emit(claude_assistant("msg_1", [{"type": "text", "text": "Let me check."}]))
+def stops_early(prompt, report_error):
+    """The behaviours a test picks by a word in the prompt, after the tool's first text.
+
+    SLEEP hangs, FAIL exits 1 with a secret on stderr, ISERROR reports the tool's own error
+    (`report_error`), NORESULT ends without a final event. True: the run ends here.
+    """
     if "SLEEP" in prompt:
         time.sleep(600)
     if "FAIL" in prompt:
         sys.stderr.write("fatal: " + STDERR_SECRET + "\n")
         sys.exit(1)
     if "ISERROR" in prompt:
-        emit({"type": "result", "subtype": "error_during_execution", "is_error": True, "result": "API Error: 529 overloaded",
-              "session_id": "sess-1", "usage": {"input_tokens": 3, "output_tokens": 1}})
-        return
-    if "NORESULT" in prompt:
+        report_error()
+        return True
+    return "NORESULT" in prompt
+
+
+def codex_turn_failed():
+    emit({"type": "error", "message": "stream disconnected before completion"})
+    emit({"type": "turn.failed", "error": {"message": "stream disconnected before completion"}})
+    sys.exit(1)
+
+
+def claude(prompt):
+    emit({"type": "system", "subtype": "init", "session_id": "sess-1", "cwd": os.getcwd(), "model": "claude-fake",
+          "tools": ["Bash", "Read"], "mcp_servers": [], "permissionMode": "default", "apiKeySource": "none"})
+    emit(claude_assistant("msg_1", [{"type": "text", "text": "Let me check."}]))
+    if stops_early(prompt, lambda: emit({
+            "type": "result", "subtype": "error_during_execution", "is_error": True,
+            "result": "API Error: 529 overloaded", "session_id": "sess-1",
+            "usage": {"input_tokens": 3, "output_tokens": 1}})):
         return
     emit(claude_assistant("msg_1", [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a"}}]))
     emit({"type": "user", "message": {"role": "user", "content": [
@@ -139,16 +156,7 @@ def codex(prompt):
     emit({"type": "turn.started"})
     emit({"type": "item.completed", "item": {"id": "item_0", "type": "reasoning", "text": "**Thinking** hidden"}})
     emit({"type": "item.completed", "item": {"id": "item_1", "type": "agent_message", "text": "Let me check."}})
-    if "SLEEP" in prompt:
-        time.sleep(600)
-    if "FAIL" in prompt:
-        sys.stderr.write("fatal: " + STDERR_SECRET + "\n")
-        sys.exit(1)
-    if "ISERROR" in prompt:
-        emit({"type": "error", "message": "stream disconnected before completion"})
-        emit({"type": "turn.failed", "error": {"message": "stream disconnected before completion"}})
-        sys.exit(1)
-    if "NORESULT" in prompt:
+    if stops_early(prompt, codex_turn_failed):
         return
     emit({"type": "item.started", "item": {"id": "item_2", "type": "command_execution", "command": "cat a",
                                            "aggregated_output": "", "exit_code": None, "status": "in_progress"}})
@@ -191,16 +199,8 @@ def cursor(prompt):
     emit(cursor_text("Let me "))
     emit(cursor_text("check."))
     emit(cursor_text("Let me check.", ts=False))
-    if "SLEEP" in prompt:
-        time.sleep(600)
-    if "FAIL" in prompt:
-        sys.stderr.write("fatal: " + STDERR_SECRET + "\n")
-        sys.exit(1)
-    if "ISERROR" in prompt:
-        emit({"type": "result", "subtype": "error", "is_error": True, "result": "usage limit reached",
-              "session_id": "sess-c"})
-        return
-    if "NORESULT" in prompt:
+    if stops_early(prompt, lambda: emit({"type": "result", "subtype": "error", "is_error": True,
+                                         "result": "usage limit reached", "session_id": "sess-c"})):
         return
     emit({"type": "tool_call", "subtype": "started", "call_id": "c1",
           "tool_call": {"readToolCall": {"args": {"path": "a"}}}, "session_id": "sess-c"})
