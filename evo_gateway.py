@@ -1967,41 +1967,45 @@ class HttpConnection(asyncio.Protocol):
             self.close()
 
     async def _read_request_head(self) -> h11.Request | None:
-        loop_time = time.monotonic
-        idle = self.requests_served > 0 and not self.conn.trailing_data[0]
-        self.deadline = loop_time() + (self.limits.keep_alive_s if idle else self.limits.head_timeout_s)
-        self.bytes_in = len(self.conn.trailing_data[0])  # counts toward this head from here on
+        buffered, eof = self.conn.trailing_data
+        limits = self.limits
+        idle = self.requests_served > 0 and not buffered
+        self.deadline = time.monotonic() + (limits.keep_alive_s if idle else limits.head_timeout_s)
+        self.bytes_in = len(buffered)  # counts toward this head from here on
+        must_wait = not buffered and not eof  # next_event() could only answer NEED_DATA
         try:
             while True:
+                if must_wait:
+                    if self.server.draining and idle:
+                        return None
+                    await self._wait_for_data()
+                    if idle and self.bytes_in:
+                        idle = False  # the first bytes of a head: its deadline starts now
+                        self.deadline = time.monotonic() + limits.head_timeout_s
                 try:
                     event = self.conn.next_event()
                 except h11.RemoteProtocolError as e:
                     status = e.error_status_hint
                     message = ("the request head is larger than the limit of "
-                               f"{self.limits.max_head_bytes} bytes" if status == 431 else f"malformed request: {e}")
+                               f"{limits.max_head_bytes} bytes" if status == 431 else f"malformed request: {e}")
                     await self._send_early_error(status, message, "openai")
                     return None
-                if event is h11.NEED_DATA:
-                    if idle and self.conn.trailing_data[0]:
-                        idle = False  # the first bytes of a head: its deadline starts now
-                        self.deadline = loop_time() + self.limits.head_timeout_s
-                    if self.server.draining and idle:
-                        return None
-                    await self._wait_for_data()
+                must_wait = event is h11.NEED_DATA
+                if must_wait:
                     continue
                 if type(event) is h11.Request:
                     # h11 enforces the limit only on a head still incomplete; one that arrived
                     # whole is measured here, when enough bytes came in for it to be too big.
-                    if self.bytes_in > self.limits.max_head_bytes and (
+                    if self.bytes_in > limits.max_head_bytes and (
                             len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-                            > self.limits.max_head_bytes):
+                            > limits.max_head_bytes):
                         await self._send_early_error(431, "the request head is larger than the limit of "
-                                                          f"{self.limits.max_head_bytes} bytes", "openai")
+                                                          f"{limits.max_head_bytes} bytes", "openai")
                         return None
                     return event
                 return None  # ConnectionClosed, or PAUSED after a close
         finally:
-                self.deadline = None
+            self.deadline = None
 
     async def _send_early_error(self, status: int, message: str, dialect: str) -> None:
         """An error answered before the request was understood; the connection closes after it."""

@@ -283,15 +283,19 @@ class UpstreamConnection:
 
     async def read_response_head(self) -> h11.Response:
         got_bytes = False
+        buffered, eof = self.h11.trailing_data
+        must_read = not buffered and not eof  # next_event() could only answer NEED_DATA
         while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
+            if must_read:
                 self.deadline = time.monotonic() + self.target.first_byte_timeout_s
                 data = await self._read()
                 if not data and not got_bytes and self.reused:
                     raise _StaleConnection()
                 got_bytes = got_bytes or bool(data)
                 self.h11.receive_data(data)
+            event = self.h11.next_event()
+            must_read = event is h11.NEED_DATA
+            if must_read:
                 continue
             if type(event) is h11.InformationalResponse:
                 continue
