@@ -213,7 +213,7 @@ class UpstreamTarget:
         self.idle_timeout_s = idle_timeout_s
         default_port = 443 if parts.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
+        self.host_header = (host if self.port == default_port else f"{host}:{self.port}").encode()
         self.key = (self.scheme, self.host, self.port, id(self.ssl))
         self.origin = f"{self.host}:{self.port}"
 
@@ -422,10 +422,7 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._done and conn.is_reusable():
-            self._pool.put_idle(conn)
-        else:
-            conn.close()
+        self._pool.release(conn, self._done and conn.is_reusable())
 
     def close(self) -> None:
         self._release()
@@ -439,8 +436,7 @@ class UpstreamPool:
     def __init__(self, max_idle_per_origin: int = 64) -> None:
         self._idle: dict[tuple, list[UpstreamConnection]] = {}
         self.max_idle_per_origin = max_idle_per_origin
-        self.active: dict[str, int] = {}
-        self._in_use: set[UpstreamConnection] = set()
+        self._in_use: set[UpstreamConnection] = set()  # taken from the pool or opened, not yet released
         self._watchdog: asyncio.Task | None = None
         self._live_keys: set | None = None  # after a reload: the origins some provider still uses
 
@@ -449,14 +445,14 @@ class UpstreamPool:
             await asyncio.sleep(self.WATCHDOG_S)
             now = time.monotonic()
             for conn in list(self._in_use):
-                if conn.state == "CLOSED":
-                    self._in_use.discard(conn)
-                else:
-                    conn.check_deadline(now)
+                conn.check_deadline(now)
 
-    def put_idle(self, conn: UpstreamConnection) -> None:
-        self._release_active(conn.target)
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """A request is over: its connection goes back to the pool, or is closed."""
         self._in_use.discard(conn)
+        if not reusable:
+            conn.close()
+            return
         if self._live_keys is not None and conn.target.key not in self._live_keys:
             conn.close()  # its provider was removed by a reload while this request ran
             return
@@ -484,18 +480,15 @@ class UpstreamPool:
             conn.close()
         return None
 
-    def _release_active(self, target: UpstreamTarget) -> None:
-        d = target.origin
-        self.active[d] = max(0, self.active.get(d, 1) - 1)
-
     def stats(self) -> dict[str, tuple[int, int]]:
         """origin → (idle, active) for metrics."""
         out: dict[str, tuple[int, int]] = {}
         for key, conns in self._idle.items():
             out[f"{key[1]}:{key[2]}"] = (len(conns), 0)
-        for origin, n in self.active.items():
-            idle, _ = out.get(origin, (0, 0))
-            out[origin] = (idle, n)
+        for conn in self._in_use:
+            if conn.state == "ACTIVE":
+                idle, active = out.get(conn.target.origin, (0, 0))
+                out[conn.target.origin] = (idle, active + 1)
         return out
 
     def retain_origins(self, keys: set) -> None:
@@ -525,7 +518,7 @@ class UpstreamPool:
                       body: bytes = b"") -> UpstreamResponse:
         """Send one request and return once the response head has arrived."""
         full_path = (target.base_path + path).encode()
-        all_headers = [(b"host", target.host_header.encode())] + headers
+        all_headers = [(b"host", target.host_header), *headers]
         if body or method == "POST":
             all_headers.append((b"content-length", str(len(body)).encode()))
         if self._watchdog is None or self._watchdog.done():
@@ -537,16 +530,10 @@ class UpstreamPool:
                 if conn is None:
                     conn = await UpstreamConnection.open(target)
                 self._in_use.add(conn)
-                d = target.origin
-                self.active[d] = self.active.get(d, 0) + 1
-                try:
-                    await conn.send_request(method.encode(), full_path, all_headers, body)
-                    head = await conn.read_response_head()
-                except BaseException:
-                    self._release_active(target)
-                    raise
+                await conn.send_request(method.encode(), full_path, all_headers, body)
+                head = await conn.read_response_head()
             except _StaleConnection:
-                conn.close()
+                self.release(conn, False)
                 attempt += 1
                 if attempt > 1:
                     raise GatewayError(502, f"provider '{target.provider}': {target.describe()} closed the "
@@ -554,7 +541,7 @@ class UpstreamPool:
                 continue
             except BaseException as e:
                 if conn is not None:
-                    conn.close()
+                    self.release(conn, False)
                 stale = conn is not None and conn.reused and attempt == 0 and _is_stale_error(e)
                 if stale:
                     attempt += 1

@@ -17,6 +17,8 @@ import pytest
 from conftest import provider
 from mock_upstream import DROP, MockResponse, chat_chunks, chat_completion, sse_body
 
+import evo_gateway
+
 
 def chat_handler(record: list | None = None):
     async def handler(req):
@@ -533,3 +535,12 @@ def test_upstream_that_compresses_anyway_is_relayed_with_its_content_encoding(ha
     r = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert r.choices[0].message.content == "zipped"
     assert seen == ["identity"]
+
+
+def test_request_headers_lower_case_names_and_join_a_repeated_field():
+    raw = [(b"Host", b"x"), (b"Anthropic-Beta", b"a"), (b"content-type", b"application/json"),
+           (b"anthropic-beta", b"b")]
+    assert evo_gateway.request_headers(raw) == {"host": "x", "anthropic-beta": "a, b",
+                                                "content-type": "application/json"}
+    assert evo_gateway.request_headers([(b"X-Caf\xe9", b"\xe9t\xe9")]) == {"x-caf\xe9": "\xe9t\xe9"}
+    assert evo_gateway.request_headers([]) == {}

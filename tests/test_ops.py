@@ -615,3 +615,19 @@ def test_check_probe_uses_the_same_code_as_health(harness):
     config = evo_gateway.parse_config({"server": SERVER, "providers": [provider("good", up.url + "/v1")]}, "t.json")
     rows = harness.lt.call(evo_gateway.check_providers(config, environ={}))
     assert rows[0]["usable"] is True and rows[0]["probe"]["detail"].startswith("HTTP 200 on GET /v1/models")
+
+
+def test_metrics_active_upstream_connections_return_to_zero_when_the_upstream_closes_them(harness):
+    async def closing(request):
+        return MockResponse(200, chat_completion("ok"), headers=[("connection", "close")])
+
+    up = harness.upstream(closing)
+    url = harness.start([provider("up", up.url)])
+    for _ in range(3):
+        ask(url, "up:m")
+    samples = metric_samples(httpx.get(url + "/metrics").text)
+    origin = f"127.0.0.1:{up.port}"
+    assert samples.get(("evo_gateway_upstream_connections", frozenset({"origin": origin, "state": "active"}.items())),
+                       0) == 0
+    assert samples.get(("evo_gateway_upstream_connections", frozenset({"origin": origin, "state": "idle"}.items())),
+                       0) == 0
