@@ -315,7 +315,8 @@ class Children:
         self.tmp = tmp
         self.procs: list = []
 
-    def start(self, name: str, argv: list, core: int, env: dict | None = None, read_ready: bool = False):
+    def start(self, name: str, argv: list, core: int, env: dict | None = None, read_ready: bool = False,
+              ready_timeout_s: float = 15):
         """Start `argv` pinned to `core`; with read_ready, wait for its ``READY <port> <loop>`` line."""
         with open(os.path.join(self.tmp, f"{name}.stderr"), "wb") as err:
             proc = subprocess.Popen(
@@ -329,7 +330,7 @@ class Children:
         self.procs.append(proc)
         if not read_ready:
             return proc, None
-        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        ready, _, _ = select.select([proc.stdout], [], [], ready_timeout_s)
         line = proc.stdout.readline().decode().split() if ready else []  # type: ignore[union-attr]
         if len(line) != 3 or line[0] != "READY":
             raise RuntimeError(f"{name} did not start: {self.stderr(name)}")
