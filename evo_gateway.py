@@ -1405,6 +1405,10 @@ class Gateway:
             return json_reply(tr.ollama_show_response(client_model, provider.config.provider_type))
         if kind in ("ollama_chat", "ollama_generate") and tr.ollama_load_request(body, kind == "ollama_generate"):
             return json_reply(tr.ollama_load_response(body, client_model, kind == "ollama_generate"))
+        if kind in ("embeddings", "ollama_embed", "ollama_embeddings") and "embeddings" not in provider.native_kinds:
+            raise GatewayError(400, f"provider '{provider.name}' ({provider.config.provider_type}) has no "
+                                    "embeddings endpoint; route this model to an OpenAI-compatible or Ollama provider",
+                               "invalid_request")
         if kind in ("ollama_embed", "ollama_embeddings"):
             try:
                 request = tr.ollama_embed_to_embeddings_request(body)
@@ -1418,10 +1422,6 @@ class Gateway:
             except (ValueError, KeyError, TypeError) as e:
                 raise GatewayError(502, f"provider '{provider.name}' sent an embeddings answer the gateway "
                                         f"cannot read ({e})", "upstream") from None
-        if kind == "embeddings":
-            raise GatewayError(400, f"provider '{provider.name}' ({provider.config.provider_type}) has no "
-                                    "embeddings endpoint; route this model to an OpenAI-compatible or Ollama provider",
-                               "invalid_request")
         try:
             if kind == "chat":
                 chat_body = body
@@ -1446,14 +1446,21 @@ class Gateway:
             _note_usage(ctx, result.get("usage"))
             if kind == "chat":
                 return json_reply(result)
-            if kind == "messages":
-                return json_reply(tr.chat_to_anthropic_response(result, client_model,
-                                                                tool_names=tr.anthropic_tool_name_map(body)))
-            if kind == "responses":
-                return json_reply(tr.chat_to_responses_response(result, dict(body, model=client_model)))
-            if kind == "ollama_chat":
-                return json_reply(tr.chat_to_ollama_chat_response(result, client_model, started_ns))
-            return json_reply(tr.chat_to_ollama_generate_response(result, client_model, started_ns))
+            try:
+                if kind == "messages":
+                    return json_reply(tr.chat_to_anthropic_response(result, client_model,
+                                                                    tool_names=tr.anthropic_tool_name_map(body)))
+                if kind == "responses":
+                    return json_reply(tr.chat_to_responses_response(result, dict(body, model=client_model)))
+                if kind == "ollama_chat":
+                    return json_reply(tr.chat_to_ollama_chat_response(result, client_model, started_ns))
+                return json_reply(tr.chat_to_ollama_generate_response(result, client_model, started_ns))
+            except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+                # The translators read upstream answers leniently; one they still cannot read is
+                # the upstream's fault as far as the client can tell (logged in full for us).
+                log.exception("translating %s's answer failed", provider.name)
+                raise GatewayError(502, f"provider '{provider.name}' sent an answer the gateway cannot translate "
+                                        f"({type(e).__name__}: {e})", "upstream") from None
         if isinstance(result, dict):
             result = _completion_as_chunks(result)
         if kind == "chat":

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from evo_gateway import GatewayError, Provider, RequestContext
+from providers.translate import as_dict
 
 log = logging.getLogger("evo_gateway")
 
@@ -162,7 +163,7 @@ def render_prompt(messages: Any) -> str:
         if not isinstance(message, dict):
             raise GatewayError(400, f"messages[{index}] must be an object", param=f"messages[{index}]")
         role = message.get("role", "user")
-        if role not in _ROLE_LABELS and role not in ("tool", "function"):
+        if not isinstance(role, str) or (role not in _ROLE_LABELS and role not in ("tool", "function")):
             raise GatewayError(400, f"messages[{index}].role: unknown role {role!r}",
                                param=f"messages[{index}].role")
     if len(messages) == 1 and messages[0].get("role", "user") == "user":
@@ -242,9 +243,9 @@ class ClaudeEventParser(EventParser):
             elif event.get("subtype") == "api_retry":
                 log.debug("claude: api retry %s/%s", event.get("attempt"), event.get("max_retries"))
         elif kind == "stream_event":
-            self._on_stream_event(event.get("event") or {}, pieces)
+            self._on_stream_event(as_dict(event.get("event")), pieces)
         elif kind == "assistant" and not self._partial:
-            self._on_assistant(event.get("message") or {}, pieces)
+            self._on_assistant(as_dict(event.get("message")), pieces)
         elif kind == "result":
             self._on_result(event, pieces)
         return pieces
@@ -253,7 +254,7 @@ class ClaudeEventParser(EventParser):
         if raw.get("type") == "message_start":
             self._new_message = True
         elif raw.get("type") == "content_block_delta":
-            delta = raw.get("delta") or {}
+            delta = as_dict(raw.get("delta"))
             if delta.get("type") == "text_delta" and delta.get("text"):
                 self._partial = True
                 self._out(pieces, delta["text"], separate=self._new_message)
@@ -264,9 +265,11 @@ class ClaudeEventParser(EventParser):
         if isinstance(blocks, str):
             text = blocks
         else:
-            text = "".join(str(b.get("text") or "") for b in blocks or []
+            text = "".join(str(b.get("text") or "") for b in (blocks if isinstance(blocks, list) else [])
                            if isinstance(b, dict) and b.get("type") == "text")
-        message_id = message.get("id") or f"anon-{len(self._by_id)}"
+        message_id = message.get("id")
+        if not isinstance(message_id, str) or not message_id:
+            message_id = f"anon-{len(self._by_id)}"
         first = not self._by_id.get(message_id)
         self._out(pieces, _grow(self._by_id, message_id, text), separate=first)
 
@@ -314,7 +317,7 @@ class CodexEventParser(EventParser):
             return pieces
         kind = event.get("type")
         if kind in ("item.started", "item.updated", "item.completed"):
-            self._on_item(event.get("item") or {}, pieces)
+            self._on_item(as_dict(event.get("item")), pieces)
         elif kind == "turn.completed":
             self.finished = True
             self.error = None           # an earlier `error` was a retried hiccup, the turn succeeded
@@ -323,7 +326,7 @@ class CodexEventParser(EventParser):
                 self._add_usage(usage)
         elif kind == "turn.failed":
             error = event.get("error")
-            self.error = str((error or {}).get("message") if isinstance(error, dict) else error or "turn failed")
+            self.error = str(error.get("message") if isinstance(error, dict) else error or "turn failed")
             self.finished = False
         elif kind == "error":
             self.error = str(event.get("message") or "codex reported an error")
@@ -399,7 +402,7 @@ class CursorEventParser(EventParser):
         pieces: list[str] = []
         kind = event.get("type")
         if kind == "assistant":
-            text = content_text((event.get("message") or {}).get("content"))
+            text = content_text(as_dict(event.get("message")).get("content"))
             is_delta = isinstance(event.get("timestamp_ms"), (int, float)) and not event.get("model_call_id")
             if is_delta:
                 self._out(pieces, text)
@@ -792,6 +795,7 @@ class CliProvider(Provider):
                                     f"found; install it or set {self.binary_env} to its path")
         if model == "default":
             model = ""
+        model, prompt = _for_process(model), _for_process(prompt)
         argv = self.build_argv(binary, model, prompt)
         busy = (f"provider '{self.name}' is running its maximum of {self.max_concurrent} {self.tool} "
                 f"processes ({self.cap_env})")
@@ -873,6 +877,12 @@ class CliProvider(Provider):
         leftovers = list(self._runs)
         if leftovers:
             await asyncio.gather(*(run.finish_close() for run in leftovers), return_exceptions=True)
+
+
+def _for_process(text: str) -> str:
+    """Text a child process can take: a lone surrogate (a legal JSON escape, not UTF-8) becomes
+    "?", and NUL, which no argv can hold, is dropped."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
 
 
 def _completion_id() -> str:

@@ -42,6 +42,22 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+def as_list(value: Any) -> list:
+    """`value` when it is a list, else empty: optional lists are read leniently."""
+    return value if isinstance(value, list) else []
+
+
+def as_dict(value: Any) -> dict:
+    """`value` when it is an object, else empty: optional objects are read leniently."""
+    return value if isinstance(value, dict) else {}
+
+
+def _require_list(body: dict, field: str) -> None:
+    """A top-level field that must be a list when present (a client mistake otherwise)."""
+    if body.get(field) is not None and not isinstance(body[field], list):
+        raise InvalidRequest(f"{field}: must be a list", param=field)
+
+
 def sse(data: Any, event: str | None = None) -> bytes:
     """One SSE frame: an optional `event:` line, one single-line `data:` line, a blank line."""
     payload = data.encode() if isinstance(data, str) else json_bytes(data)
@@ -136,7 +152,8 @@ def _chat_tool_name(name: str) -> str:
         return name
     # The digest keeps two long names with a common prefix apart (and makes it reversible via the map).
     clean = _ANT_TOOL_ID_BAD.sub("_", name) or "tool"
-    return clean[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    # surrogatepass: a lone surrogate (a legal JSON escape) still hashes, to the same digest each time
+    return clean[:55] + "_" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def anthropic_tool_name_map(body: dict) -> dict[str, str]:
@@ -147,10 +164,10 @@ def anthropic_tool_name_map(body: dict) -> dict[str, str]:
     own names again. Names that needed no change are not in the map.
     """
     names = set()
-    for tool in body.get("tools") or []:
+    for tool in as_list(body.get("tools")):
         if isinstance(tool, dict) and isinstance(tool.get("name"), str):
             names.add(tool["name"])
-    for msg in body.get("messages") or []:
+    for msg in as_list(body.get("messages")):
         if isinstance(msg, dict) and isinstance(msg.get("content"), list):
             for block in msg["content"]:
                 if isinstance(block, dict) and block.get("type") == "tool_use" and isinstance(block.get("name"), str):
@@ -312,7 +329,7 @@ def anthropic_to_chat_request(body: dict) -> dict:
                 if not isinstance(block, dict):
                     continue
                 kind = block.get("type")
-                if kind == "text" and block.get("text"):
+                if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
                     texts.append(block["text"])
                 elif kind == "tool_use":
                     calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
@@ -342,7 +359,7 @@ def anthropic_to_chat_request(body: dict) -> dict:
                 seen_results.add(call_id)
                 chat.append({"role": "tool", "tool_call_id": call_id, "content": text})
             elif kind == "text":
-                if block.get("text"):
+                if isinstance(block.get("text"), str) and block["text"]:
                     parts.append({"type": "text", "text": block["text"]})
             elif kind == "image":
                 img = _ant_image_to_part(block.get("source"))
@@ -370,12 +387,13 @@ def anthropic_to_chat_request(body: dict) -> dict:
     for key in ("temperature", "top_p"):
         if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
             out_body[key] = body[key]
-    stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str) and s]
+    stops = [s for s in as_list(body.get("stop_sequences")) if isinstance(s, str) and s]
     if stops:
         out_body["stop"] = stops
 
+    _require_list(body, "tools")
     tools = []
-    for tool in body.get("tools") or []:
+    for tool in as_list(body.get("tools")):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
             continue
         schema = tool.get("input_schema")
@@ -483,7 +501,7 @@ def chat_to_anthropic_response(resp: dict, model: str, *, tool_names: dict[str, 
     text = _ant_text_of(message.get("content"), "")
     if text:
         content.append({"type": "text", "text": text})
-    calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    calls = [c for c in as_list(message.get("tool_calls")) if isinstance(c, dict)]
     if isinstance(message.get("function_call"), dict):  # legacy single-call shape
         calls.append({"function": message["function_call"]})
     for call in calls:
@@ -790,7 +808,9 @@ def chat_to_anthropic_request(body: dict) -> dict:
             blocks = _ant_blocks_from_chat_content(content)
         elif role == "assistant":
             blocks = _ant_blocks_from_chat_content(content)
-            calls = [c for c in msg.get("tool_calls") or [] if isinstance(c, dict)]
+            if msg.get("tool_calls") is not None and not isinstance(msg["tool_calls"], list):
+                raise InvalidRequest(f"messages[{i}].tool_calls: must be a list", param="messages")
+            calls = [c for c in as_list(msg.get("tool_calls")) if isinstance(c, dict)]
             for call in calls:
                 fn = call.get("function") if isinstance(call.get("function"), dict) else {}
                 blocks.append({"type": "tool_use", "id": _ant_tool_id(call.get("id")),
@@ -845,8 +865,9 @@ def chat_to_anthropic_request(body: dict) -> dict:
     if isinstance(body.get("top_p"), (int, float)) and not isinstance(body.get("top_p"), bool):
         out["top_p"] = body["top_p"]
 
+    _require_list(body, "tools")
     tools = []
-    for tool in body.get("tools") or []:
+    for tool in as_list(body.get("tools")):
         fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             continue  # custom / built-in tools have no Anthropic client-tool form
@@ -925,7 +946,7 @@ def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dic
     the current time; tests pass a fixed value.
     """
     texts, calls = [], []
-    for block in resp.get("content") or []:
+    for block in as_list(resp.get("content")):
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text" and isinstance(block.get("text"), str):
@@ -1033,7 +1054,7 @@ class AnthropicToChatStream:
                 out.append(self._chunk({"content": block["text"]}))
         elif name == "content_block_delta":
             delta = data.get("delta") if isinstance(data.get("delta"), dict) else {}
-            index = data.get("index")
+            index = data.get("index") if isinstance(data.get("index"), int) else None
             if delta.get("type") == "text_delta" and delta.get("text"):
                 out.append(self._chunk({"content": delta["text"]}))
             elif delta.get("type") == "input_json_delta" and index in self._tool_index:
@@ -1044,7 +1065,7 @@ class AnthropicToChatStream:
                                                             "function": {"arguments": fragment}}]}))
             # thinking_delta / signature_delta / citations_delta: no chat equivalent
         elif name == "content_block_stop":
-            index = data.get("index")
+            index = data.get("index") if isinstance(data.get("index"), int) else None
             if index in self._tool_input and index not in self._tool_streamed:
                 # Input given whole at block start and never streamed: send it as one fragment.
                 out.append(self._chunk({"tool_calls": [{"index": self._tool_index[index], "function": {
@@ -1106,7 +1127,7 @@ def estimate_anthropic_tokens(body: dict) -> int:
     """
     chars = len(_ant_text_of(body.get("system")))
     images = 0
-    for msg in body.get("messages") or []:
+    for msg in as_list(body.get("messages")):
         if not isinstance(msg, dict):
             continue
         content = msg.get("content")
@@ -1735,7 +1756,7 @@ def ollama_tags_entry(name: str) -> dict:
         "model": name,
         "modified_at": _ollama_timestamp(),
         "size": 0,
-        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "digest": hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest(),
         "details": _ollama_details(family),
     }
 
@@ -1818,7 +1839,7 @@ def _chat_name_for(name: str, namespace: str | None) -> str:
 
 
 def _hashed_name(base: str, name: str, namespace: str | None) -> str:
-    digest = hashlib.sha1(f"{namespace or ''}\x00{name}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{namespace or ''}\x00{name}".encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return base[:55] + "_" + digest
 
 
@@ -1830,21 +1851,26 @@ def tool_map_for(body: dict) -> ResponsesToolMap:
     `local_shell`, ...) are left out because they are dropped from the chat request.
     """
     tmap = ResponsesToolMap()
-    for tool in body.get("tools") or []:
-        if not isinstance(tool, dict):
+    for tool in as_list(body.get("tools")):
+        if not _is_named(tool):
             continue
         kind = tool.get("type")
-        if kind in ("function", "custom") and tool.get("name"):
+        if kind in ("function", "custom"):
             tmap.add(tool["name"], kind)
-        elif kind == "namespace" and tool.get("name"):
-            for sub in tool.get("tools") or []:
-                if isinstance(sub, dict) and sub.get("type") in ("function", "custom") and sub.get("name"):
+        elif kind == "namespace":
+            for sub in as_list(tool.get("tools")):
+                if _is_named(sub) and sub.get("type") in ("function", "custom"):
                     tmap.add(sub["name"], sub["type"], tool["name"])
     return tmap
 
 
+def _is_named(tool: Any) -> bool:
+    """A tool object with a usable name (a non-empty string); others are skipped."""
+    return isinstance(tool, dict) and isinstance(tool.get("name"), str) and bool(tool["name"])
+
+
 def _custom_input_description(tool: dict) -> str:
-    fmt = tool.get("format") or {}
+    fmt = as_dict(tool.get("format"))
     if fmt.get("type") == "grammar":
         grammar = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else fmt
         syntax = grammar.get("syntax") or "lark"
@@ -1880,18 +1906,18 @@ def _function_chat_tool(chat_name: str, tool: dict, fallback_description: str | 
 
 def _chat_tools(tools: list, tmap: ResponsesToolMap) -> list[dict]:
     out: list[dict] = []
-    for tool in tools or []:
-        if not isinstance(tool, dict):
+    for tool in tools:
+        if not _is_named(tool):
             continue
         kind = tool.get("type")
-        if kind == "function" and tool.get("name"):
+        if kind == "function":
             out.append(_function_chat_tool(tmap.chat_name(tool["name"]), tool, None))
-        elif kind == "custom" and tool.get("name"):
+        elif kind == "custom":
             out.append(_custom_chat_tool(tmap.chat_name(tool["name"]), tool, None))
-        elif kind == "namespace" and tool.get("name"):
+        elif kind == "namespace":
             ns = tool["name"]
-            for sub in tool.get("tools") or []:
-                if not isinstance(sub, dict) or not sub.get("name"):
+            for sub in as_list(tool.get("tools")):
+                if not _is_named(sub):
                     continue
                 chat_name = tmap.chat_name(sub["name"], ns)
                 if sub.get("type") == "function":
@@ -2013,7 +2039,7 @@ def _input_messages(items: list, tmap: ResponsesToolMap) -> list[dict]:
         kind = item.get("type") or ("message" if "role" in item else None)
         if kind in ("function_call_output", "custom_tool_call_output"):
             call_id = item.get("call_id")
-            if call_id not in seen_calls:
+            if not isinstance(call_id, str) or call_id not in seen_calls:
                 continue  # an orphan tool result makes OpenAI-style upstreams answer 400
             text, images = _output_text_and_images(item.get("output"))
             messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
@@ -2033,22 +2059,36 @@ def _input_messages(items: list, tmap: ResponsesToolMap) -> list[dict]:
                 messages.append({"role": "system" if role == "developer" else role, "content": content})
         elif kind == "function_call":
             flush_images()
-            call_id = item.get("call_id") or item.get("id") or _rid("call_")
+            call_id, name, namespace = _call_identity(item, i)
             arguments = item.get("arguments")
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-            add_tool_call(call_id, tmap.chat_name(item.get("name") or "", item.get("namespace")), arguments)
+            add_tool_call(call_id, tmap.chat_name(name, namespace), arguments)
         elif kind == "custom_tool_call":
             flush_images()
-            call_id = item.get("call_id") or item.get("id") or _rid("call_")
+            call_id, name, namespace = _call_identity(item, i)
             text = item.get("input")
             arguments = json.dumps({"input": text if isinstance(text, str) else ""}, ensure_ascii=False)
-            add_tool_call(call_id, tmap.chat_name(item.get("name") or "", item.get("namespace")), arguments)
+            add_tool_call(call_id, tmap.chat_name(name, namespace), arguments)
         # reasoning, web_search_call, local_shell_call, compaction, ... carry nothing a chat
         # upstream can use (encrypted reasoning is provider-specific); skip them.
     flush_images()
     # An assistant message that only held skipped parts may be left empty; drop it.
     return [m for m in messages if not (m["role"] == "assistant" and not m.get("content") and not m.get("tool_calls"))]
+
+
+def _call_identity(item: dict, i: int) -> tuple[str, str, str | None]:
+    """(call_id, name, namespace) of a function/custom tool call input item, each checked."""
+    call_id = item.get("call_id") or item.get("id") or _rid("call_")
+    name = item.get("name") or ""
+    namespace = item.get("namespace")
+    if not isinstance(call_id, str):
+        raise InvalidRequest(f"input[{i}].call_id must be a string", param=f"input[{i}].call_id")
+    if not isinstance(name, str):
+        raise InvalidRequest(f"input[{i}].name must be a string", param=f"input[{i}].name")
+    if namespace is not None and not isinstance(namespace, str):
+        raise InvalidRequest(f"input[{i}].namespace must be a string", param=f"input[{i}].namespace")
+    return call_id, name, namespace
 
 
 def responses_to_chat_request(body: dict) -> dict:
@@ -2091,6 +2131,7 @@ def responses_to_chat_request(body: dict) -> dict:
     else:
         raise InvalidRequest("input must be a string or an array of items", param="input")
 
+    _require_list(body, "tools")
     tmap = tool_map_for(body)
     messages: list[dict] = []
     instructions = body.get("instructions")
@@ -2105,7 +2146,7 @@ def responses_to_chat_request(body: dict) -> dict:
         chat["model"] = body["model"]
     chat["messages"] = messages
 
-    tools = _chat_tools(body.get("tools") or [], tmap)
+    tools = _chat_tools(as_list(body.get("tools")), tmap)
     if tools:
         chat["tools"] = tools
         choice = _chat_tool_choice(body.get("tool_choice"), tmap, tools)
@@ -2153,8 +2194,8 @@ def _responses_usage(usage: Any) -> dict:
     usage = usage if isinstance(usage, dict) else {}
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    prompt_details = as_dict(usage.get("prompt_tokens_details"))
+    completion_details = as_dict(usage.get("completion_tokens_details"))
     return {
         "input_tokens": prompt,
         # cache_write_tokens is required by recent openai-python Response models; chat rarely reports it.
@@ -2243,6 +2284,8 @@ def _tool_call_item(tmap: ResponsesToolMap, item_id: str | None, call_id: str, c
 
 
 def _incomplete_reason(finish_reason: Any) -> str | None:
+    if not isinstance(finish_reason, str):
+        return None
     return {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason)
 
 
@@ -2266,9 +2309,9 @@ def chat_to_responses_response(resp: dict, request: dict) -> dict:
     """
     resp = resp if isinstance(resp, dict) else {}
     tmap = tool_map_for(request if isinstance(request, dict) else {})
-    choices = resp.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    choices = as_list(resp.get("choices"))
+    choice = as_dict(choices[0] if choices else None)
+    message = as_dict(choice.get("message"))
     reason = _incomplete_reason(choice.get("finish_reason"))
     output: list[dict] = []
     thinking = message.get("reasoning_content") or message.get("reasoning")
@@ -2279,10 +2322,10 @@ def chat_to_responses_response(resp: dict, request: dict) -> dict:
         text = message["refusal"]  # Codex parses only output_text parts, so refusals travel as text
     if text:
         output.append(_message_item(_rid("msg_"), text, "incomplete" if reason else "completed"))
-    for call in message.get("tool_calls") or []:
+    for call in as_list(message.get("tool_calls")):
         if not isinstance(call, dict):
             continue
-        fn = call.get("function") or {}
+        fn = as_dict(call.get("function"))
         arguments = fn.get("arguments")
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
@@ -2483,7 +2526,7 @@ class ChatToResponsesStream:
             last = self._calls.get(self._last_call_key)
             key = len(self._calls) if last is None or (frag_id and frag_id != last.call_id) else self._last_call_key
         self._last_call_key = key
-        fn = fragment.get("function") or {}
+        fn = as_dict(fragment.get("function"))
         call = self._calls.get(key)
         if call is None:
             call = self._calls[key] = _StreamCall(fragment.get("id") or _rid("call_"))
@@ -2522,17 +2565,17 @@ class ChatToResponsesStream:
         frames = self._start(chunk)
         if isinstance(chunk.get("usage"), dict):
             self._usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        for choice in as_list(chunk.get("choices")):
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # n > 1 cannot be expressed in one Responses output
-            delta = choice.get("delta") or {}
+            delta = as_dict(choice.get("delta"))
             thinking = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(thinking, str) and thinking:
                 frames.extend(self._text_delta("reasoning", thinking))
             content = _chat_text(delta.get("content"))
             if content:
                 frames.extend(self._text_delta("message", content))
-            for fragment in delta.get("tool_calls") or []:
+            for fragment in as_list(delta.get("tool_calls")):
                 if isinstance(fragment, dict):
                     frames.extend(self._tool_fragment(fragment))
             if choice.get("finish_reason"):

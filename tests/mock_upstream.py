@@ -92,6 +92,12 @@ class MockUpstream:
         done, _ = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if sender in done:
             watcher.cancel()
+            try:  # wait until the read is really over, or the next read would find it still pending
+                early = await watcher
+            except asyncio.CancelledError:
+                early = b""
+            if early:
+                conn.receive_data(early)  # the peer spoke before the body ended: h11 keeps it
             sender.result()
             return True
         sender.cancel()  # the gateway went away mid-stream

@@ -782,3 +782,19 @@ def test_gateway_key_as_x_api_key_or_bearer_is_accepted_and_never_forwarded(harn
             model="anthropic:claude-x", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "authentication_error"
     assert len(up.requests) == 2
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/embeddings", {"model": "an:claude", "input": "hi"}),
+    ("/api/embed", {"model": "an:claude", "input": "hi"}),
+    ("/api/embeddings", {"model": "an:claude", "prompt": "hi"}),
+])
+def test_embeddings_routed_to_an_anthropic_provider_are_400_naming_it(harness, path, body):
+    up = anthropic_upstream(harness)
+    url = harness.start([provider("an", up.url, provider_type="anthropic")])
+    r = httpx.post(url + path, json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    message = error if path.startswith("/api/") else error["message"]  # Ollama's envelope is a string
+    assert "provider 'an' (anthropic) has no embeddings endpoint" in message
+    assert up.requests == []

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anthropic
+import httpx
 import ollama
 import openai
 import pytest
@@ -147,6 +148,21 @@ def test_openai_client_non_stream_answer_from_each_cli_tool(harness, tools, name
     flag = MODEL_FLAG[name]
     assert any(argv[i:i + 2] == flag for i in range(len(argv))), argv
     assert provider_of(harness, name).running == 0
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_prompt_with_a_lone_surrogate_and_a_nul_still_reaches_each_cli_tool(harness, tools, name):
+    url = start(harness, tools)
+    # "\ud800" is a legal JSON escape that no UTF-8 argv or stdin can carry; NUL no argv can.
+    raw = b'{"model": "%s:sonnet", "messages": [{"role": "user", "content": "What is \\ud800 the\\u0000 answer?"}]}' % (
+        name.encode())
+    r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == CONTENT[name]
+    (rec,) = tools.records()
+    sent = rec["stdin"] if TOOLS[name][1] != "cursor-agent" else rec["argv"][-1]
+    assert "What is ? the answer?" in sent
 
 
 @pytest.mark.parametrize("name", sorted(TOOLS))
