@@ -25,7 +25,6 @@ import hmac
 import itertools
 import json
 import logging
-import logging.handlers
 import os
 import re
 import secrets
@@ -2480,6 +2479,72 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """Human lines for stdout. Text the console cannot encode (a lone surrogate from a client's
+    JSON, say) is backslash-escaped: the line is kept, not dropped with a logging error."""
+
+    def __init__(self, encoding: str | None) -> None:
+        super().__init__("%(asctime)s %(levelname)-5s %(message)s")
+        self.encoding = encoding or "utf-8"
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        try:
+            text.encode(self.encoding)
+        except UnicodeEncodeError:
+            text = text.encode(self.encoding, "backslashreplace").decode(self.encoding)
+        return text
+
+
+class DailyLogFile(logging.FileHandler):
+    """Lines appended to `gateway.log`, which becomes `gateway.log.YYYY-MM-DD` (UTC, the day of its
+    last line) when the first line of a later day is written.
+
+    Safe for the workers of `serve --workers`, which all append to the one file: the rename is
+    made under an `flock` on `gateway.log.lock`, and only while `gateway.log` is still the file
+    this process has open; a process that finds it already renamed by another just reopens.
+    (The standard TimedRotatingFileHandler would have the second worker delete the first one's
+    rotated file: a day of logs lost.) Unencodable text is backslash-escaped, never dropped.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", errors="backslashreplace")
+        self.rollover_at = self._next_midnight(time.time())
+        if os.fstat(self.stream.fileno()).st_mtime < self.rollover_at - 86400:
+            self.rotate()  # left from an earlier day (stopped over midnight): start today afresh
+
+    @staticmethod
+    def _next_midnight(now: float) -> float:
+        return (now // 86400 + 1) * 86400  # UTC days
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.created >= self.rollover_at:
+            self.rollover_at = self._next_midnight(record.created)
+            try:
+                self.rotate()
+            except OSError:
+                self.handleError(record)
+        super().emit(record)
+
+    def rotate(self) -> None:
+        with open(self.baseFilename + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                on_disk = os.stat(self.baseFilename)
+            except FileNotFoundError:
+                on_disk = None
+            ours = os.fstat(self.stream.fileno())
+            if on_disk is not None and on_disk.st_size and (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev,
+                                                                                              ours.st_ino):
+                dated = f"{self.baseFilename}.{time.strftime('%Y-%m-%d', time.gmtime(on_disk.st_mtime))}"
+                target, n = dated, 1
+                while os.path.exists(target):  # never over an earlier file (a clock set back, say)
+                    target, n = f"{dated}.{n}", n + 1
+                os.rename(self.baseFilename, target)
+            self.stream.close()
+            self.stream = self._open()
+
+
 _LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING, "info": logging.INFO,
            "debug": logging.DEBUG, "trace": logging.DEBUG}
 
@@ -2503,13 +2568,12 @@ def setup_logging(environ: dict | None = None) -> None:
     for handler in list(log.handlers):
         log.removeHandler(handler)
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(message)s"))
+    console.setFormatter(_ConsoleFormatter(getattr(sys.stdout, "encoding", None)))
     log.addHandler(console)
     log_dir = environ.get("EVO_LOG_DIR", "./logs")
     try:
         os.makedirs(log_dir, exist_ok=True)
-        file_handler = logging.handlers.TimedRotatingFileHandler(os.path.join(log_dir, "gateway.log"),
-                                                                 when="midnight", utc=True, encoding="utf-8")
+        file_handler = DailyLogFile(os.path.join(log_dir, "gateway.log"))
     except OSError as e:
         log.warning("cannot write logs to %s (%s); logging to stdout only", log_dir, e.strerror)
         return

@@ -631,3 +631,65 @@ def test_metrics_active_upstream_connections_return_to_zero_when_the_upstream_cl
                        0) == 0
     assert samples.get(("evo_gateway_upstream_connections", frozenset({"origin": origin, "state": "idle"}.items())),
                        0) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the log file
+# ---------------------------------------------------------------------------------------------
+
+
+def _record(message: str, created: float) -> logging.LogRecord:
+    record = logging.LogRecord("evo_gateway", logging.INFO, __file__, 1, message, None, None)
+    record.created = created
+    return record
+
+
+def test_daily_log_file_shared_by_two_workers_keeps_every_line_across_midnight(tmp_path):
+    path = tmp_path / "gateway.log"
+    worker_a, worker_b = evo_gateway.DailyLogFile(str(path)), evo_gateway.DailyLogFile(str(path))
+    try:
+        midnight = worker_a.rollover_at
+        worker_a.emit(_record("a before", midnight - 2))
+        worker_b.emit(_record("b before", midnight - 1))
+        worker_a.emit(_record("a after", midnight + 1))   # a renames the day's file and starts a new one
+        worker_b.emit(_record("b after", midnight + 2))   # b finds it renamed: reopens, renames nothing
+        worker_b.emit(_record("b after again", midnight + 3))
+    finally:
+        worker_a.close()
+        worker_b.close()
+    dated = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("gateway.log."))
+    assert dated == ["gateway.log." + time.strftime("%Y-%m-%d", time.gmtime()), "gateway.log.lock"]
+    assert (tmp_path / dated[0]).read_text().splitlines() == ["a before", "b before"]
+    assert path.read_text().splitlines() == ["a after", "b after", "b after again"]
+
+
+def test_daily_log_file_left_from_an_earlier_day_is_renamed_when_the_gateway_starts(tmp_path):
+    path = tmp_path / "gateway.log"
+    path.write_text("old line\n")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(path, (two_days_ago, two_days_ago))
+    handler = evo_gateway.DailyLogFile(str(path))
+    try:
+        handler.emit(_record("new line", time.time()))
+    finally:
+        handler.close()
+    assert (tmp_path / ("gateway.log." + time.strftime("%Y-%m-%d", time.gmtime(two_days_ago)))).read_text() == \
+        "old line\n"
+    assert path.read_text() == "new line\n"
+
+
+def test_a_lone_surrogate_in_a_request_reaches_both_logs_escaped(tmp_path):
+    gw = GatewayProcess(tmp_path, [provider("oa", f"http://127.0.0.1:{refused_port()}/v1")])
+    try:
+        # "\ud800" is a legal JSON escape that no UTF-8 stream can carry as it is.
+        raw = b'{"model": "oa:x\\ud800y", "messages": [{"role": "user", "content": "hi"}]}'
+        r = httpx.post(gw.url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 502
+        assert gw.wait_line(r"POST /v1/chat/completions 502"), gw.text()
+    finally:
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.wait_exit()
+    assert "Logging error" not in gw.text(), gw.text()
+    assert "model=x\\ud800y" in gw.text()  # backslash-escaped on the console
+    entries = [json.loads(line) for line in (tmp_path / "logs" / "gateway.log").read_text().splitlines()]
+    assert any(entry.get("model") == "x\ud800y" for entry in entries), entries  # a JSON escape in the file
