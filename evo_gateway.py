@@ -351,6 +351,10 @@ class KeyPool:
         if key is not None and status in (401, 403, 429) and len(self.keys) > 1:
             self._cooling[key] = time.monotonic() + KEY_COOLDOWN_S
 
+    def inherit(self, previous: KeyPool) -> None:
+        """After a reload: a key still configured stays set aside for what is left of its cooldown."""
+        self._cooling = {key: until for key, until in previous._cooling.items() if key in self.keys}
+
     def cooling_count(self) -> int:
         now = time.monotonic()
         return sum(1 for until in self._cooling.values() if until > now)
@@ -1183,7 +1187,8 @@ class GatewayState:
     Built from `previous` on a reload: a CLI provider whose config and environment settings
     are unchanged is carried over as the same object (its runs go on, its cap stays one cap);
     every other provider is built afresh (so key variables are re-read) and inherits the last
-    upstream result of its namesake for /health.
+    upstream result of its namesake for /health, and, while it reaches the same base URL, the
+    cooldowns of the keys it still has.
     """
 
     def __init__(self, config: Config, pool: UpstreamPool, environ: dict | None = None,
@@ -1193,7 +1198,11 @@ class GatewayState:
         self.kept: list[str] = []
         for name, provider in list(self.providers.items()):
             old = previous.providers.get(name) if previous is not None else None
-            if old is None or type(old) is not type(provider) or old.config != provider.config:
+            if old is None or type(old) is not type(provider):
+                continue
+            if isinstance(provider, HttpProvider) and provider.config.base_url == old.config.base_url:
+                provider.keys.inherit(old.keys)  # the same upstream still refuses those keys
+            if old.config != provider.config:
                 continue
             if hasattr(provider, "binary_path"):
                 if all(getattr(old, a, None) == getattr(provider, a, None) for a in _CLI_RUN_SETTINGS):

@@ -693,3 +693,25 @@ def test_a_lone_surrogate_in_a_request_reaches_both_logs_escaped(tmp_path):
     assert "model=x\\ud800y" in gw.text()  # backslash-escaped on the console
     entries = [json.loads(line) for line in (tmp_path / "logs" / "gateway.log").read_text().splitlines()]
     assert any(entry.get("model") == "x\ud800y" for entry in entries), entries  # a JSON escape in the file
+
+
+def test_reload_keeps_a_refused_key_set_aside_for_the_rest_of_its_cooldown(harness, tmp_path):
+    seen = []
+
+    async def handler(req):
+        key = req.headers.get("authorization")
+        seen.append(key)
+        if key == "Bearer k1":
+            return MockResponse(429, {"error": {"message": "slow down"}})
+        return MockResponse(200, chat_completion("ok"))
+    up = harness.upstream(handler)
+    cfg = tmp_path / "gateway.json"
+    url = harness.start([provider("up", up.url, api_key_envs=["K1", "K2"])], environ={"K1": "k1", "K2": "k2"},
+                        config_file=str(cfg))
+    with pytest.raises(openai.RateLimitError):
+        ask(url, "up:m")
+    write_config(cfg, [provider("up", up.url, api_key_envs=["K1", "K2"], models=["m", "n"])])  # a model added
+    assert poll(lambda: harness.gateway.metrics.reloads["ok"] == 1, 3.0)
+    for _ in range(3):
+        ask(url, "up:m")
+    assert seen == ["Bearer k1", "Bearer k2", "Bearer k2", "Bearer k2"]
