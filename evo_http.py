@@ -136,14 +136,18 @@ class SSEDecoder:
         return out
 
 
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once, not per call
+_COMPACT_ASCII_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_bytes(obj: Any) -> bytes:
     """Compact UTF-8 JSON. A lone surrogate (a legal JSON escape, not encodable as UTF-8) stays
     an escape instead of failing the request: the object is then written ASCII-escaped."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    text = _COMPACT_JSON(obj)
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return json.dumps(obj, separators=(",", ":")).encode()
+        return _COMPACT_ASCII_JSON(obj).encode()
 
 
 def sse_frame_end(data: bytes) -> int:
