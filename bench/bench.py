@@ -370,6 +370,19 @@ def wait_listening(proc: subprocess.Popen, port: int, name: str, children: Child
     raise RuntimeError(f"{name} is not listening on {port} after {timeout_s}s: {children.stderr(name)}")
 
 
+def gateway_setup(tmp: str, mock_port: int) -> tuple[str, int, dict]:
+    """A config (one provider, the mock; one worker) in `tmp`, the gateway's port and its environment."""
+    config_file = os.path.join(tmp, "bench.json")
+    port = free_port()
+    with open(config_file, "w") as f:
+        json.dump({"server": {"host": "127.0.0.1", "port": port, "workers": 1}, "providers": [
+            {"name": "mock", "base_url": f"http://127.0.0.1:{mock_port}/v1", "enabled": True,
+             "api_key_envs": []}]}, f)
+    env = {k: v for k, v in os.environ.items() if k not in ("EVO_GATEWAY_AUTH", "RUST_LOG", "GATEWAY_CONFIG")}
+    env.update(EVO_LOG="error", EVO_LOG_DIR=os.path.join(tmp, "logs"), PYTHONDONTWRITEBYTECODE="1")
+    return config_file, port, env
+
+
 def gateway_argv(args: argparse.Namespace, config_file: str, port: int, profile_file: str) -> list:
     serve = ["serve", "--config", config_file, "--host", "127.0.0.1", "--port", str(port)]
     if args.gateway_cmd:
@@ -486,14 +499,7 @@ def main(argv: list | None = None) -> int:
     try:
         mock, mock_port = children.start("mock", [sys.executable, os.path.join(HERE, "fast_upstream.py")],
                                          mock_core, read_ready=True)
-        config_file = os.path.join(tmp, "bench.json")
-        gw_port = free_port()
-        with open(config_file, "w") as f:
-            json.dump({"server": {"host": "127.0.0.1", "port": gw_port, "workers": 1}, "providers": [
-                {"name": "mock", "base_url": f"http://127.0.0.1:{mock_port}/v1", "enabled": True,
-                 "api_key_envs": []}]}, f)
-        env = {k: v for k, v in os.environ.items() if k not in ("EVO_GATEWAY_AUTH", "RUST_LOG", "GATEWAY_CONFIG")}
-        env.update(EVO_LOG="error", EVO_LOG_DIR=os.path.join(tmp, "logs"), PYTHONDONTWRITEBYTECODE="1")
+        config_file, gw_port, env = gateway_setup(tmp, mock_port)
         gw_cmd = gateway_argv(args, config_file, gw_port, profile_file)
         gateway, _ = children.start("gateway", gw_cmd, proxy_core, env=env)
         wait_listening(gateway, gw_port, "gateway", children)

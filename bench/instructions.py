@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -74,14 +73,7 @@ def count(proxy: str, stream: bool, requests: int, gateway_dir: str, tmp: str) -
         _, mock_port = children.start("mock", [sys.executable, os.path.join(HERE, "fast_upstream.py")], cpus[-1],
                                       read_ready=True)
         if proxy == "evo":
-            port = bench.free_port()
-            config_file = os.path.join(tmp, "bench.json")
-            with open(config_file, "w") as f:
-                json.dump({"server": {"host": "127.0.0.1", "port": port, "workers": 1}, "providers": [
-                    {"name": "mock", "base_url": f"http://127.0.0.1:{mock_port}/v1", "enabled": True,
-                     "api_key_envs": []}]}, f)
-            env = {k: v for k, v in os.environ.items() if k not in ("EVO_GATEWAY_AUTH", "RUST_LOG", "GATEWAY_CONFIG")}
-            env.update(EVO_LOG="error", EVO_LOG_DIR=os.path.join(tmp, "logs"), PYTHONDONTWRITEBYTECODE="1")
+            config_file, port, env = bench.gateway_setup(tmp, mock_port)
             cli = os.path.join(os.path.abspath(gateway_dir), "evo_gateway_cli.py")
             proc, _ = children.start("gateway", valgrind + [sys.executable, cli, "serve", "--config", config_file],
                                      cpus[0], env=env)
