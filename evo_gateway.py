@@ -68,6 +68,8 @@ log = logging.getLogger("evo_gateway")
 SSE_KEEPALIVE_S = 15.0
 PROBE_TIMEOUT_S = 3.0  # an active /health probe gives up after this
 PROBE_CACHE_S = 5.0  # one probe round answers every /health call for this long
+MODEL_LIST_CACHE_S = 30.0  # one round of upstream model lists answers /v1/models and /api/tags this long
+MAX_LISTED_MODELS = 500  # per provider, from an upstream's list
 METRICS_STALE_S = 30.0  # with --workers: a worker snapshot older than this is left out of /metrics
 KEY_COOLDOWN_S = 60.0
 TICK_S = 0.5
@@ -458,6 +460,10 @@ class Provider:
         """A cheap active check for /health and `check`, never a generation: {"ok", "detail"}."""
         return {"ok": True, "detail": "no active check for this provider type"}
 
+    async def list_models(self) -> list[str]:
+        """The models the upstream says it serves, for a provider configured without `models`."""
+        return []
+
     async def aclose(self) -> None:
         """Release what the provider holds (pooled connections, child processes)."""
 
@@ -515,6 +521,7 @@ class HttpProvider(Provider):
     native_paths: dict[str, str] = {}
     forwarded_headers: frozenset = FORWARDED_REQUEST_HEADERS  # the client headers this upstream may see
     probe_path = "/models"  # GET here answers whether the upstream is up and takes our key
+    models_path = "/models"  # GET here lists the upstream's models (`model_names` reads the answer)
 
     def __init__(self, config: ProviderConfig, pool: UpstreamPool, environ: dict | None = None) -> None:
         super().__init__(config)
@@ -589,14 +596,7 @@ class HttpProvider(Provider):
         errors are raised as GatewayErrors by the pool.
         """
         key = self.keys.next_key()
-        headers = [_ACCEPT_JSON, (b"accept-encoding", b"identity")]
-        headers += self.auth_headers(key, _PROBE_CTX) + self.extra_headers
-        resp = await self.pool.request(self.target, "GET", self.probe_path, headers)
-        try:
-            await resp.read()
-        finally:
-            resp.close()
-        status = resp.status
+        status, _ = await self._get(self.probe_path, key)
         where = f"GET {self.target.base_path}{self.probe_path} on {self.target.describe()}"
         if status in (401, 403):
             why = "no key is configured" if key is None else "the upstream refused the key"
@@ -606,6 +606,29 @@ class HttpProvider(Provider):
         if status >= 400:
             return {"ok": True, "status": status, "detail": f"reachable (HTTP {status} on {where})"}
         return {"ok": True, "status": status, "detail": f"HTTP {status} on {where}"}
+
+    async def list_models(self) -> list[str]:
+        status, raw = await self._get(self.models_path, self.keys.next_key())
+        if status >= 300:
+            raise GatewayError(502, f"HTTP {status} on GET {self.target.base_path}{self.models_path}", "upstream")
+        return self.model_names(parse_upstream_json(raw, self.name))[:MAX_LISTED_MODELS]
+
+    @staticmethod
+    def model_names(listing: dict) -> list[str]:
+        """Model names from a model list: OpenAI's and Anthropic's `{"data": [{"id"}]}`."""
+        data = listing.get("data")
+        return [m["id"] for m in (data if isinstance(data, list) else [])
+                if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
+
+    async def _get(self, path: str, key: str | None) -> tuple[int, bytes]:
+        """`GET {base_url}{path}` with this provider's key and headers: (status, body)."""
+        headers = [_ACCEPT_JSON, (b"accept-encoding", b"identity")]
+        headers += self.auth_headers(key, _PROBE_CTX) + self.extra_headers
+        resp = await self.pool.request(self.target, "GET", path, headers)
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.close()
 
 
 def parse_upstream_json(raw: bytes, provider: str) -> dict:
@@ -1216,9 +1239,11 @@ class GatewayState:
         """The pool keys of every origin an HTTP provider of this state reaches."""
         return {p.target.key for p in self.providers.values() if isinstance(p, HttpProvider)}
 
-    def model_ids(self) -> list[tuple[str, str]]:
-        """(provider, provider:model) for every model of every enabled provider, in file order."""
-        return [(p.name, f"{p.name}:{m}") for p in self.config.providers if p.enabled for m in p.models]
+    def model_ids(self, listed: Mapping[str, list[str]]) -> list[tuple[str, str]]:
+        """(provider, provider:model) for every model of every enabled provider, in file order: its
+        configured `models`, else what `listed` (the upstreams' own lists) holds for it."""
+        return [(p.name, f"{p.name}:{m}") for p in self.config.providers if p.enabled
+                for m in (p.models or listed.get(p.name, ()))]
 
 
 class Metrics:
@@ -1270,6 +1295,7 @@ class Gateway:
         self.worker_id = ""
         self.metrics_dir: str | None = None  # with --workers: where each worker leaves its metrics
         self._probes: tuple | None = None  # (state, task, started) of the latest probe round
+        self._model_lists: tuple | None = None  # (state, task, started) of the latest model-list round
 
     def authenticate(self, headers: dict[str, str]) -> str:
         """The name of the gateway key the client presented; 401 in its dialect if there is none."""
@@ -1312,7 +1338,7 @@ class Gateway:
             return False
         old, self.state = self.state, state
         self.metrics.reloads["ok"] += 1
-        self._probes = None
+        self._probes = self._model_lists = None
         self.pool.retain_origins(state.http_origins())
         for w in config.warnings:
             log.warning("%s", w)
@@ -1329,9 +1355,10 @@ class Gateway:
         if kind == "health":
             return await self.health()
         if kind == "models":
-            return self.models(ctx)
+            return self.models(ctx, await self.upstream_model_lists())
         if kind == "tags":
-            return json_reply({"models": [self.tr.ollama_tags_entry(mid) for _, mid in self.state.model_ids()]})
+            ids = self.state.model_ids(await self.upstream_model_lists())
+            return json_reply({"models": [self.tr.ollama_tags_entry(mid) for _, mid in ids]})
         if kind == "version":
             return json_reply({"version": "0.12.0"})
         if kind == "running":  # no model is "loaded" in a gateway
@@ -1565,8 +1592,30 @@ class Gateway:
             self._probes = (self.state, task, now)
         return await asyncio.shield(task)
 
-    def models(self, ctx: RequestContext) -> Reply:
-        ids = self.state.model_ids()
+    async def upstream_model_lists(self) -> dict[str, list[str]]:
+        """provider → the models its upstream lists, for enabled providers configured without `models`.
+
+        One round asks them all concurrently (each bounded by PROBE_TIMEOUT_S) and answers every
+        caller for MODEL_LIST_CACHE_S, like the /health probes; a provider that cannot answer
+        lists nothing (logged) and is asked again in the next round.
+        """
+        state = self.state
+        unlisted = [state.providers[p.name] for p in state.config.providers
+                    if p.enabled and not p.models and p.name in state.providers]
+        if not unlisted:
+            return {}
+        now = time.monotonic()
+        cached = self._model_lists
+        if cached is not None and cached[0] is state and (
+                not cached[1].done() or now - cached[2] < MODEL_LIST_CACHE_S):
+            task = cached[1]
+        else:
+            task = asyncio.ensure_future(list_upstream_models(unlisted))
+            self._model_lists = (state, task, now)
+        return await asyncio.shield(task)
+
+    def models(self, ctx: RequestContext, listed: Mapping[str, list[str]]) -> Reply:
+        ids = self.state.model_ids(listed)
         if "anthropic-version" in ctx.headers:
             data = [{"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
                     for _, mid in ids]
@@ -1727,6 +1776,26 @@ async def probe_providers(providers: Iterable[Provider], timeout_s: float = PROB
     providers = list(providers)
     results = await asyncio.gather(*(probe_provider(p, timeout_s) for p in providers))
     return {p.name: r for p, r in zip(providers, results)}
+
+
+async def list_upstream_models(providers: Iterable[Provider],
+                               timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, list[str]]:
+    """Each provider's `list_models()`, all at once, each bounded by `timeout_s`; never raises."""
+    async def one(provider: Provider) -> list[str]:
+        try:
+            return await asyncio.wait_for(provider.list_models(), timeout_s)
+        except asyncio.TimeoutError:
+            why = f"no answer within {timeout_s:g} s"
+        except GatewayError as e:
+            why = e.message
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+        log.warning("provider '%s' has no `models` in the config and its model list could not be read (%s); "
+                    "it lists no models", provider.name, why)
+        return []
+    providers = list(providers)
+    lists = await asyncio.gather(*(one(p) for p in providers))
+    return {p.name: names for p, names in zip(providers, lists)}
 
 
 def key_variables(config: ProviderConfig, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ class AnthropicProvider(HttpProvider):
     """`x-api-key` from the key pool; `anthropic-version` is the client's, else 2023-06-01."""
 
     native_paths = {"messages": "/messages", "count_tokens": "/messages/count_tokens"}
+    models_path = "/models?limit=1000"  # the API pages its list, 20 by default
     forwarded_headers = frozenset({"anthropic-version", "anthropic-beta"})
 
     def auth_headers(self, key: str | None, ctx: RequestContext) -> list:

@@ -749,6 +749,10 @@ class CliProvider(Provider):
         """Where the configured binary is, or None; never runs the tool (for /health)."""
         return shutil.which(self.binary, path=self.environ.get("PATH"))
 
+    async def list_models(self) -> list[str]:
+        """Without configured `models`, one entry: `default`, the tool's own choice (no model flag)."""
+        return ["default"]
+
     def build_argv(self, binary: str, model: str, prompt: str) -> list[str]:
         raise NotImplementedError
 

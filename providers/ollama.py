@@ -12,6 +12,7 @@ class OllamaProvider(OpenAICompatProvider):
 
     chat_path = "/v1/chat/completions"
     probe_path = "/api/version"
+    models_path = "/api/tags"
 
     def __init__(self, config: Any, pool: Any, environ: Any = None) -> None:
         super().__init__(config, pool, environ)
@@ -23,3 +24,10 @@ class OllamaProvider(OpenAICompatProvider):
         if config.responses_api:
             self.native_paths["responses"] = "/v1/responses"
         self.native_kinds = frozenset(self.native_paths)
+
+    @staticmethod
+    def model_names(listing: dict) -> list[str]:
+        """Model names from Ollama's `/api/tags`: `{"models": [{"name"}]}`."""
+        models = listing.get("models")
+        return [m["name"] for m in (models if isinstance(models, list) else [])
+                if isinstance(m, dict) and isinstance(m.get("name"), str) and m["name"]]

@@ -116,7 +116,7 @@ def gateway(harness, keys):
     """A gateway with auth on, an OpenAI-compatible upstream (`mock`) holding the provider key UP_KEY."""
     seen: list = []
     up = harness.upstream(chat_handler(seen))
-    url = harness.start([provider("mock", up.url + "/v1", api_key_envs=["UP_KEY"])], environ=auth_env(keys))
+    url = harness.start([provider("mock", up.url + "/v1", api_key_envs=["UP_KEY"], models=["gpt-test"])], environ=auth_env(keys))
     return url, seen
 
 

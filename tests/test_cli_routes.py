@@ -542,3 +542,13 @@ def test_translate_stream_closes_the_chunk_stream_on_every_exit_path(ending):
         assert out[-1] == b"data: [DONE]\n\n"
     if ending in ("gateway_error", "translator_bug"):
         assert b'"error"' in out[-2] and out[-1] == b"data: [DONE]\n\n"
+
+
+def test_models_list_offers_each_cli_provider_without_models_its_default_which_runs_without_a_model_flag(
+        harness, tools):
+    url = start(harness, tools)
+    ids = [m.id for m in openai_client(url).models.list()]
+    assert ids == [f"{name}:default" for name in TOOLS]
+    r = openai_client(url).chat.completions.create(model="claude-code:default", messages=ask())
+    assert r.choices[0].message.content == CONTENT["claude-code"]
+    assert "--model" not in tools.records()[0]["argv"]

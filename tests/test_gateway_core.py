@@ -132,6 +132,34 @@ def test_models_lists_provider_model_ids(harness):
     assert ids == ["mock:a", "mock:b:7b"]
 
 
+def test_models_of_a_provider_configured_without_models_come_from_its_upstream(harness, caplog):
+    listed: list = []
+
+    async def handler(req):
+        if req.method == "GET" and req.path == "/v1/models":
+            listed.append(req.headers.get("authorization"))
+            return MockResponse(200, {"object": "list", "data": [{"id": "x-large", "object": "model"},
+                                                                 {"id": "x-small", "object": "model"}, {"id": 7}]})
+        return MockResponse(404, {"error": {"message": "no"}})
+    up = harness.upstream(handler)
+    configured = harness.upstream(chat_handler())
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    try:
+        url = harness.start([provider("up", up.url + "/v1", api_key_envs=["UP_KEY"]),
+                             provider("conf", configured.url + "/v1", models=["a"]),
+                             provider("gone", f"http://127.0.0.1:{down.getsockname()[1]}/v1")],
+                            environ={"UP_KEY": "sk-up"})
+        ids = [m.id for m in client(url).models.list()]
+    finally:
+        down.close()
+    assert ids == ["up:x-large", "up:x-small", "conf:a"]  # the unreachable one lists nothing
+    assert listed == ["Bearer sk-up"]
+    assert configured.requests == []  # a provider with `models` is not asked
+    assert any("provider 'gone'" in r.getMessage() and "model list could not be read" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_bare_model_goes_to_provider_listing_it(harness):
     seen_a: list = []
     seen_b: list = []

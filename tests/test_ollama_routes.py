@@ -569,3 +569,27 @@ def test_ollama_client_with_gateway_key_in_headers_passes_auth_and_without_gets_
     assert c.chat(model="vllm:qwen2.5-7b", messages=USER).message.content == "Hello!"
     assert [m.model for m in c.list().models][0] == "local:llama3:8b"
     assert "authorization" not in seen[0][1]  # the gateway key never goes upstream
+
+
+def test_ollama_list_asks_an_ollama_upstream_configured_without_models_and_caches_the_answer(harness):
+    tags_calls = []
+    native = native_handler([])
+
+    async def server_with_models(req):
+        if req.method == "GET" and req.path == "/api/tags":
+            tags_calls.append(req)
+            return MockResponse(200, {"models": [{"name": "llama3:8b", "model": "llama3:8b"},
+                                                 {"name": "qwen2.5:7b", "model": "qwen2.5:7b"}, {"name": 3}]})
+        return await native(req)
+    up = harness.upstream(server_with_models)
+    compat = harness.upstream(openai_handler([]))
+    url = harness.start([provider("ol", up.url, provider_type="ollama"),
+                         provider("vllm", compat.url + "/v1", models=["qwen2.5-7b"])])
+    for _ in range(2):
+        assert [m.model for m in oclient(url).list().models] == ["ol:llama3:8b", "ol:qwen2.5:7b", "vllm:qwen2.5-7b"]
+    assert len(tags_calls) == 1  # one upstream round answers for MODEL_LIST_CACHE_S
+    ids = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert ids == ["ol:llama3:8b", "ol:qwen2.5:7b", "vllm:qwen2.5-7b"]
+    assert len(tags_calls) == 1
+    r = oclient(url).chat(model="ol:llama3:8b", messages=USER, stream=False)  # what the list offers routes
+    assert r.message.content == "Hello!"
