@@ -942,15 +942,18 @@ def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dic
     """Translate an Anthropic message into a chat.completion.
 
     Text blocks are joined, tool_use blocks become tool_calls with JSON-text arguments, and
-    thinking blocks are dropped (OpenAI clients have no place for them). `created` defaults to
-    the current time; tests pass a fixed value.
+    thinking text becomes `message.reasoning_content` (non-standard, as DeepSeek and vLLM send
+    it); redacted thinking is dropped. `created` defaults to the current time; tests pass a
+    fixed value.
     """
-    texts, calls = [], []
+    texts, calls, thinking = [], [], []
     for block in as_list(resp.get("content")):
         if not isinstance(block, dict):
             continue
         if block.get("type") == "text" and isinstance(block.get("text"), str):
             texts.append(block["text"])
+        elif block.get("type") == "thinking" and isinstance(block.get("thinking"), str):
+            thinking.append(block["thinking"])
         elif block.get("type") == "tool_use":
             calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
                 "name": str(block.get("name") or ""),
@@ -959,6 +962,8 @@ def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dic
     if calls:
         message["tool_calls"] = calls
     message["refusal"] = None
+    if "".join(thinking):
+        message["reasoning_content"] = "".join(thinking)
     finish = _ANT_TO_CHAT_FINISH.get(resp.get("stop_reason"), "stop")  # type: ignore[arg-type]
     if calls and finish == "stop":
         finish = "tool_calls"
@@ -975,9 +980,11 @@ def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dic
 class AnthropicToChatStream:
     """Turn Anthropic stream events into chat.completion.chunk dicts (WIRE §5.5).
 
-    Tool calls are numbered 0,1,… among tool_use blocks only; thinking blocks are dropped; the
-    finish chunk comes from `message_delta` and a final usage chunk (`choices: []`) from
-    `message_stop`. An `error` event raises `UpstreamStreamError`. `created` defaults to now.
+    Tool calls are numbered 0,1,… among tool_use blocks only; thinking deltas become
+    `delta.reasoning_content` (non-standard, read by many chat clients and by the gateway's own
+    Responses/Ollama/Anthropic translators); the finish chunk comes from `message_delta` and a
+    final usage chunk (`choices: []`) from `message_stop`. An `error` event raises
+    `UpstreamStreamError`. `created` defaults to now.
     """
 
     def __init__(self, model: str, *, created: int | None = None) -> None:
@@ -1057,13 +1064,15 @@ class AnthropicToChatStream:
             index = data.get("index") if isinstance(data.get("index"), int) else None
             if delta.get("type") == "text_delta" and delta.get("text"):
                 out.append(self._chunk({"content": delta["text"]}))
+            elif delta.get("type") == "thinking_delta" and isinstance(delta.get("thinking"), str) and delta["thinking"]:
+                out.append(self._chunk({"reasoning_content": delta["thinking"]}))
             elif delta.get("type") == "input_json_delta" and index in self._tool_index:
                 fragment = delta.get("partial_json")
                 if isinstance(fragment, str) and fragment:
                     self._tool_streamed.add(index)
                     out.append(self._chunk({"tool_calls": [{"index": self._tool_index[index],
                                                             "function": {"arguments": fragment}}]}))
-            # thinking_delta / signature_delta / citations_delta: no chat equivalent
+            # signature_delta / citations_delta: no chat equivalent
         elif name == "content_block_stop":
             index = data.get("index") if isinstance(data.get("index"), int) else None
             if index in self._tool_input and index not in self._tool_streamed:

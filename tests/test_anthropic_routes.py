@@ -798,3 +798,43 @@ def test_embeddings_routed_to_an_anthropic_provider_are_400_naming_it(harness, p
     message = error if path.startswith("/api/") else error["message"]  # Ollama's envelope is a string
     assert "provider 'an' (anthropic) has no embeddings endpoint" in message
     assert up.requests == []
+
+
+def thinking_events() -> list[dict]:
+    """A stream with a thinking block (two deltas and a signature) before the text."""
+    events = ant_stream_events(tool=False)
+    thinking = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me "}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "think."}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "c2ln"}},
+        {"type": "content_block_stop", "index": 0},
+    ]
+    for event in events:
+        if "index" in event:
+            event["index"] += 1
+    return events[:1] + thinking + events[1:]
+
+
+def test_claude_thinking_reaches_chat_clients_as_reasoning_content_and_codex_as_reasoning(harness):
+    up = anthropic_upstream(harness, events=thinking_events(),
+                            message=dict(ant_message(tool=False), content=[
+                                {"type": "thinking", "thinking": "Let me think.", "signature": "c2ln"},
+                                {"type": "text", "text": "Checking."}]))
+    url = harness.start([provider("an", up.url, provider_type="anthropic")])
+    c = oa_client(url)
+    chunks = list(c.chat.completions.create(model="an:claude", messages=[{"role": "user", "content": "hi"}],
+                                            reasoning_effort="low", stream=True))
+    reasoning = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for ch in chunks if ch.choices)
+    assert reasoning == "Let me think."
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Checking."
+    whole = c.chat.completions.create(model="an:claude", messages=[{"role": "user", "content": "hi"}])
+    assert whole.choices[0].message.model_extra["reasoning_content"] == "Let me think."
+    with c.responses.stream(model="an:claude", input="hi", store=False) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_summary_text.delta" in kinds
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].summary[0].text == "Let me think."
+    assert final.output_text == "Checking."

@@ -660,9 +660,10 @@ def test_codex_turns_to_anthropic_provider_bridged_twice(harness):
     completed = check_responses_stream(frames)
     assert completed["type"] == "response.completed"
     items = completed["response"]["output"]
-    assert [i["type"] for i in items] == ["message", "custom_tool_call"]  # thinking text is not relayed
-    assert items[0]["content"][0]["text"] == "I'll add it."
-    assert (items[1]["call_id"], items[1]["name"], items[1]["input"]) == ("toolu_01", "apply_patch", PATCH)
+    assert [i["type"] for i in items] == ["reasoning", "message", "custom_tool_call"]  # thinking shown as reasoning
+    assert items[0]["summary"][0]["text"] == "A README."
+    assert items[1]["content"][0]["text"] == "I'll add it."
+    assert (items[2]["call_id"], items[2]["name"], items[2]["input"]) == ("toolu_01", "apply_patch", PATCH)
     usage = completed["response"]["usage"]
     assert usage["output_tokens"] == 42 and usage["input_tokens"] >= 120
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
