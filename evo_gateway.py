@@ -1518,8 +1518,16 @@ class Gateway:
 
     async def _translate_stream(self, chunks: AsyncIterator[dict], translator: Any,
                                 ctx: RequestContext) -> AsyncIterator[bytes]:
+        # A translator with `keepalive()` answers a quiet upstream with a real event of its
+        # dialect: Codex's idle timer is reset by events, not by the SSE comments the server sends.
+        keepalive = getattr(translator, "keepalive", None)
+        source = chunks if keepalive is None else _with_quiet_marks(chunks, SSE_KEEPALIVE_S)
         try:
-            async for chunk in chunks:
+            async for chunk in source:
+                if chunk is _QUIET:
+                    for frame in keepalive():
+                        yield frame
+                    continue
                 if chunk.get("usage"):
                     _note_usage(ctx, chunk["usage"])
                 for frame in translator.feed(chunk):
@@ -1538,6 +1546,8 @@ class Gateway:
             for frame in translator.fail(f"gateway error while translating the stream: {type(e).__name__}"):
                 yield frame
         finally:
+            if source is not chunks:
+                await source.aclose()  # first: it may be waiting on `chunks`
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -1855,6 +1865,36 @@ async def check_providers(config: Config, environ: dict | None = None,
 def _note_usage(ctx: RequestContext, usage: Any) -> None:
     if isinstance(usage, dict):
         ctx.note(usage={k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage})
+
+
+_QUIET = object()  # what `_with_quiet_marks` yields for a stretch of silence
+
+
+async def _with_quiet_marks(source: AsyncIterator[Any], every_s: float) -> AsyncIterator[Any]:
+    """`source`'s items, and `_QUIET` each time it has given nothing for `every_s` seconds.
+
+    The read in progress is never cut by the wait (a timeout around it would cancel the
+    upstream mid-read); it is cancelled, and waited for, only when this iterator is closed early.
+    """
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(source.__anext__())
+            done, _ = await asyncio.wait((pending,), timeout=every_s)
+            if not done:
+                yield _QUIET
+                continue
+            finished, pending = pending, None
+            try:
+                item = finished.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait((pending,))
 
 
 async def _completion_as_chunks(resp: dict) -> AsyncIterator[dict]:

@@ -2419,6 +2419,15 @@ class ChatToResponsesStream:
         return [self._event("response.created", response=self._response("in_progress")),
                 self._event("response.in_progress", response=self._response("in_progress"))]
 
+    def keepalive(self) -> list[bytes]:
+        """For a quiet upstream: `response.in_progress` once more (the first time, the opening
+        pair), a real event where an SSE comment would not reset a client's idle timer."""
+        if self._done:
+            return []
+        if not self._started:
+            return self._start(None)
+        return [self._event("response.in_progress", response=self._response("in_progress"))]
+
     # -- items --------------------------------------------------------------------------------
 
     def _add_item(self, item: dict) -> tuple[int, bytes]:

@@ -93,6 +93,9 @@ class Gate:
         self._thread_event.set()
         self._loop.call_soon_threadsafe(self._event.set)
 
+    def is_set(self) -> bool:
+        return self._thread_event.is_set()
+
     async def wait(self, timeout: float = TIMEOUT_S) -> None:
         await asyncio.wait_for(self._event.wait(), timeout)
 

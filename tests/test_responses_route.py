@@ -6,6 +6,7 @@ real sockets, through the gateway, to a Chat-only mock (bridged), a Responses-ca
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -14,6 +15,8 @@ import pytest
 from conftest import provider
 from mock_upstream import MockResponse, chat_chunks, chat_completion, sse_body
 from openai.types.responses import ResponseStreamEvent
+
+import evo_gateway
 
 # Strict validation of every streamed event against the SDK's own models (the SDK itself
 # constructs events leniently, so a malformed frame would only show up later, in user code).
@@ -693,3 +696,57 @@ def test_sdk_responses_create_non_stream_to_anthropic_provider(harness):
     r = client(url).responses.create(model="anthropic:claude-x", instructions="French only.", input="hello")
     assert r.output_text == "Bonjour"
     assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (9, 3, 12)
+
+
+def test_bridged_stream_of_a_quiet_upstream_gets_in_progress_events_codex_idle_timers_count(harness, monkeypatch):
+    monkeypatch.setattr(evo_gateway, "SSE_KEEPALIVE_S", 0.2)
+    gate = harness.gate()
+
+    async def slow_model(req):
+        async def body():
+            await gate.wait()  # a model still loading: nothing at all for a while
+            yield sse_body(*chat_chunks(["Hel", "lo!"], model="m"))
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(slow_model)
+    url = harness.start([provider("mock", up.url + "/v1")])
+    frames = []
+    with httpx.Client(timeout=20) as h:
+        with h.stream("POST", url + "/v1/responses", json={"model": "mock:m", "input": "hi", "stream": True,
+                                                             "store": False}) as r:
+            buffer = b""
+            for piece in r.iter_raw():
+                buffer += piece
+                if buffer.count(b"event: response.in_progress") >= 3 and not gate.is_set():
+                    gate.set()  # three in_progress: the opening one and two for the silence
+            frames = sse_frames(buffer)
+    completed = check_responses_stream(frames)
+    types = [data["type"] for _, data in frames]
+    assert types[:4] == ["response.created", "response.in_progress", "response.in_progress",
+                         "response.in_progress"]
+    assert completed["type"] == "response.completed"
+    assert completed["response"]["output"][0]["content"][0]["text"] == "Hello!"
+
+
+def test_client_leaving_a_quiet_bridged_stream_closes_the_upstream_connection_at_once(harness, monkeypatch):
+    monkeypatch.setattr(evo_gateway, "SSE_KEEPALIVE_S", 0.2)
+    never = harness.gate()
+
+    async def silent_model(req):
+        async def body():
+            await never.wait()
+            yield b""
+        return MockResponse(200, body(), content_type="text/event-stream")
+    up = harness.upstream(silent_model)
+    url = harness.start([provider("mock", up.url + "/v1")])
+    with httpx.Client(timeout=20) as h:
+        with h.stream("POST", url + "/v1/responses", json={"model": "mock:m", "input": "hi", "stream": True,
+                                                             "store": False}) as r:
+            buffer = b""
+            for piece in r.iter_raw():
+                buffer += piece
+                if buffer.count(b"event: response.in_progress") >= 2:
+                    break  # leave during the silence
+    deadline = time.monotonic() + 5
+    while up.connections_closed < up.connections_opened and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert up.connections_opened == 1 and up.connections_closed == 1

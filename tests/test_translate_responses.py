@@ -536,3 +536,21 @@ def test_stream_ignores_other_choices_and_does_not_mutate_inputs():
         {"index": 1, "delta": {"content": "second choice"}, "finish_reason": None}])])
     assert (request, chunks) == before
     assert "second choice" not in json.dumps(events)
+
+
+def test_keepalive_opens_the_response_then_repeats_in_progress_with_the_next_sequence_numbers():
+    stream = ChatToResponsesStream({"model": "m", "input": "hi"})
+    frames = stream.keepalive()  # nothing from the upstream yet: the opening pair
+    frames += stream.keepalive()
+    frames += stream.feed({"id": "c", "created": 1, "model": "m", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}]})
+    frames += stream.keepalive()  # mid-message: a snapshot with no finished item yet
+    frames += stream.finish()
+    events = parse_frames(frames)
+    assert [e["type"] for e in events][:3] == ["response.created", "response.in_progress", "response.in_progress"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "Hi"
+    in_progress = [e for e in events if e["type"] == "response.in_progress"]
+    assert len(in_progress) == 3 and all(e["response"]["status"] == "in_progress" for e in in_progress)
+    assert stream.keepalive() == []  # after the terminal event, nothing more
