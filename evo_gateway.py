@@ -18,6 +18,7 @@ import bisect
 import dataclasses
 import difflib
 import email.utils
+import errno
 import fcntl
 import functools
 import hashlib
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -73,6 +75,7 @@ MAX_LISTED_MODELS = 500  # per provider, from an upstream's list
 METRICS_STALE_S = 30.0  # with --workers: a worker snapshot older than this is left out of /metrics
 KEY_COOLDOWN_S = 60.0
 TICK_S = 0.5
+FD_WARNING_EVERY_S = 60.0  # a server near its open-file limit says so at most this often
 SHUTDOWN_FINISH_S = 5.0  # after the grace: time for cut requests to write their last event and clean up
 # Request headers a client may pass to an upstream; everything else (its gateway key,
 # hop-by-hop and framing headers, accept-encoding) stays here.
@@ -2445,6 +2448,8 @@ class Server:
         self._ticker: asyncio.Task | None = None
         self._config_stat: tuple | None = _stat_key(config_file) if config_file else None
         self._pending_stat: tuple | None = None
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_warned_at = -FD_WARNING_EVERY_S
         self._update_date()
 
     def _update_date(self) -> None:
@@ -2471,6 +2476,7 @@ class Server:
                 self._update_date()
                 last_date = now
                 self.gateway.write_metrics_snapshot()
+                self.check_open_files(now)
                 if self.parent_pid is not None and os.getppid() != self.parent_pid and self.on_orphaned:
                     log.warning("the supervising process %d is gone: stopping this worker", self.parent_pid)
                     self.parent_pid = None
@@ -2485,6 +2491,23 @@ class Server:
                 auth.refresh()
             if self.config_file and not self.draining:
                 self.check_config_file()
+
+    def check_open_files(self, now: float) -> None:
+        """Warn (once a minute at most) when the process nears its open-file limit.
+
+        At the limit the event loop stops accepting without a word and new clients just wait;
+        the files are counted only when the connections alone make that plausible.
+        """
+        limit = self.fd_limit
+        if limit == resource.RLIM_INFINITY or len(self.connections) < limit // 2:
+            return
+        used = open_file_count()
+        if used is None or used < 0.9 * limit or now - self._fd_warned_at < FD_WARNING_EVERY_S:
+            return
+        self._fd_warned_at = now
+        log.warning("%d files open of an open-file limit of %d (%d client connections): new connections wait "
+                    "until some close; raise the limit (`ulimit -n`, LimitNOFILE= in a systemd unit)",
+                    used, limit, len(self.connections))
 
     def check_config_file(self) -> None:
         """Reload when the config file's (mtime, size, inode) changed and then held still for a tick."""
@@ -2708,6 +2731,31 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def raise_open_file_limit() -> int:
+    """Lift the soft open-file limit to the hard one (every client and upstream connection is an
+    open file; 1,024 is a common default); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a platform cap below the hard limit (macOS): keep the soft one
+            pass
+    return soft
+
+
+def open_file_count() -> int | None:
+    """Files this process has open, where the platform lists them (Linux, macOS)."""
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(fd_dir))
+        except OSError as e:
+            if e.errno == errno.EMFILE:  # listing takes one file more: every one is in use
+                return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None
+
+
 def serve_main(config_file: str | None = None, host: str | None = None, port: int | None = None,
                workers: int | None = None) -> int:
     """`evo-gateway serve`: load the config, listen, serve until SIGTERM/SIGINT; returns the exit code.
@@ -2731,6 +2779,7 @@ def serve_main(config_file: str | None = None, host: str | None = None, port: in
     if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         log.warning("--workers %d asked for, but this platform has no SO_REUSEPORT: running one process", workers)
         workers = 1
+    log.info("open-file limit: %d", raise_open_file_limit())  # workers inherit it
     if workers > 1:
         return Supervisor(config, path, host, port, workers).run()
     return _run_loop(config, path, host, port, None)

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -715,3 +716,48 @@ def test_reload_keeps_a_refused_key_set_aside_for_the_rest_of_its_cooldown(harne
     for _ in range(3):
         ask(url, "up:m")
     assert seen == ["Bearer k1", "Bearer k2", "Bearer k2", "Bearer k2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the open-file limit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_serve_lifts_the_soft_open_file_limit_to_the_hard_one():
+    code = "import evo_gateway, resource; print(evo_gateway.raise_open_file_limit(), " \
+           "resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    hard = min(512, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(hard), str(hard)]
+
+
+def test_a_server_near_its_open_file_limit_says_so_once_a_minute(harness, gateway_log):
+    url = harness.start([provider("up", "http://127.0.0.1:9/v1", models=["m"])])
+    clients = [socket.create_connection(("127.0.0.1", harness.port)) for _ in range(8)]
+    try:
+        assert poll(lambda: len(harness.server.connections) == 8, 3.0)
+        assert evo_gateway.open_file_count() >= 16  # this process: the gateway, its clients, pytest
+        harness.server.fd_limit = 16  # so the limit is reached, and 8 connections are half of it
+
+        async def tick(now: float) -> None:
+            harness.server.check_open_files(now)
+        for now in (1000.0, 1030.0, 1061.0):
+            harness.lt.call(tick(now))
+    finally:
+        for c in clients:
+            c.close()
+    warnings = [r.getMessage() for r in gateway_log if "open-file limit" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # at 1000 and at 1061, not at 1030
+    assert "8 client connections" in warnings[0] and "ulimit -n" in warnings[0]
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_open_files_are_counted_as_the_whole_limit_when_not_one_more_can_be_opened():
+    code = ("import evo_gateway, os\nheld = []\ntry:\n    while True:\n        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+            "except OSError:\n    pass\nprint(evo_gateway.open_file_count())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["48"]
