@@ -698,27 +698,40 @@ def test_sdk_responses_create_non_stream_to_anthropic_provider(harness):
     assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (9, 3, 12)
 
 
+def waiting_model(gate, answer: bytes = b""):
+    """A chat upstream that says nothing at all until `gate` is set (a model still loading), then `answer`."""
+    async def handler(req):
+        async def body():
+            await gate.wait()
+            yield answer
+        return MockResponse(200, body(), content_type="text/event-stream")
+    return handler
+
+
+def read_responses_stream(url: str, stop) -> bytes:
+    """POST a bridged streaming request and read until `stop(bytes so far)` is true or the stream ends."""
+    buffer = b""
+    with httpx.Client(timeout=20) as h:
+        with h.stream("POST", url + "/v1/responses",
+                      json={"model": "mock:m", "input": "hi", "stream": True, "store": False}) as r:
+            for piece in r.iter_raw():
+                buffer += piece
+                if stop(buffer):
+                    break
+    return buffer
+
+
 def test_bridged_stream_of_a_quiet_upstream_gets_in_progress_events_codex_idle_timers_count(harness, monkeypatch):
     monkeypatch.setattr(evo_gateway, "SSE_KEEPALIVE_S", 0.2)
     gate = harness.gate()
-
-    async def slow_model(req):
-        async def body():
-            await gate.wait()  # a model still loading: nothing at all for a while
-            yield sse_body(*chat_chunks(["Hel", "lo!"], model="m"))
-        return MockResponse(200, body(), content_type="text/event-stream")
-    up = harness.upstream(slow_model)
+    up = harness.upstream(waiting_model(gate, sse_body(*chat_chunks(["Hel", "lo!"], model="m"))))
     url = harness.start([provider("mock", up.url + "/v1")])
-    frames = []
-    with httpx.Client(timeout=20) as h:
-        with h.stream("POST", url + "/v1/responses", json={"model": "mock:m", "input": "hi", "stream": True,
-                                                             "store": False}) as r:
-            buffer = b""
-            for piece in r.iter_raw():
-                buffer += piece
-                if buffer.count(b"event: response.in_progress") >= 3 and not gate.is_set():
-                    gate.set()  # three in_progress: the opening one and two for the silence
-            frames = sse_frames(buffer)
+
+    def release_after_three_in_progress(buffer: bytes) -> bool:
+        if buffer.count(b"event: response.in_progress") >= 3 and not gate.is_set():
+            gate.set()  # the opening one and two for the silence
+        return False
+    frames = sse_frames(read_responses_stream(url, release_after_three_in_progress))
     completed = check_responses_stream(frames)
     types = [data["type"] for _, data in frames]
     assert types[:4] == ["response.created", "response.in_progress", "response.in_progress",
@@ -729,23 +742,9 @@ def test_bridged_stream_of_a_quiet_upstream_gets_in_progress_events_codex_idle_t
 
 def test_client_leaving_a_quiet_bridged_stream_closes_the_upstream_connection_at_once(harness, monkeypatch):
     monkeypatch.setattr(evo_gateway, "SSE_KEEPALIVE_S", 0.2)
-    never = harness.gate()
-
-    async def silent_model(req):
-        async def body():
-            await never.wait()
-            yield b""
-        return MockResponse(200, body(), content_type="text/event-stream")
-    up = harness.upstream(silent_model)
+    up = harness.upstream(waiting_model(harness.gate()))  # never released
     url = harness.start([provider("mock", up.url + "/v1")])
-    with httpx.Client(timeout=20) as h:
-        with h.stream("POST", url + "/v1/responses", json={"model": "mock:m", "input": "hi", "stream": True,
-                                                             "store": False}) as r:
-            buffer = b""
-            for piece in r.iter_raw():
-                buffer += piece
-                if buffer.count(b"event: response.in_progress") >= 2:
-                    break  # leave during the silence
+    read_responses_stream(url, lambda buffer: buffer.count(b"event: response.in_progress") >= 2)  # leave mid-silence
     deadline = time.monotonic() + 5
     while up.connections_closed < up.connections_opened and time.monotonic() < deadline:
         time.sleep(0.02)
