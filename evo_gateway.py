@@ -1011,6 +1011,10 @@ ROUTES: dict[str, tuple[str, str, str]] = {
     # Ollama's own liveness check (its CLI and several UIs ask `HEAD /` before anything else).
     "/": ("GET", "root", "openai"),
 }
+# `GET /v1/models/{id}`: one model (what the SDKs' `models.retrieve` asks), or one provider's models.
+MODEL_ROUTE_PREFIX = "/v1/models/"
+MODEL_ROUTE = ("GET", "model", "openai")
+MODEL_KINDS = frozenset({"models", "model"})
 # Liveness checks that never need a gateway key and reveal nothing.
 OPEN_KINDS = frozenset({"health", "root"})
 OLLAMA_KINDS = frozenset({"ollama_chat", "ollama_generate", "ollama_embed", "ollama_embeddings", "ollama_show"})
@@ -1036,6 +1040,22 @@ _ANTHROPIC_TYPES = {"invalid_request": "invalid_request_error", "authentication"
                     "permission": "permission_error", "not_found": "not_found_error",
                     "rate_limit": "rate_limit_error", "timeout": "timeout_error", "upstream": "api_error",
                     "overloaded": "overloaded_error", "unavailable": "api_error", "internal": "api_error"}
+
+
+def _openai_model(provider: str, model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": provider}
+
+
+def _anthropic_model(model_id: str) -> dict:
+    return {"type": "model", "id": model_id, "display_name": model_id, "created_at": "2025-01-01T00:00:00Z"}
+
+
+def percent_decoded(text: str) -> str:
+    """`text` (a request path as latin-1) with its %XX escapes decoded, read as UTF-8."""
+    if "%" not in text:
+        return text
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes((int(m.group(1), 16),)), text.encode("latin-1"))
+    return raw.decode("utf-8", "replace")
 
 
 def dialect_for_path(path: str) -> str:
@@ -1354,11 +1374,13 @@ class Gateway:
 
     # -- dispatch -------------------------------------------------------------------------
 
-    async def handle_get(self, kind: str, ctx: RequestContext) -> Reply:
+    async def handle_get(self, kind: str, ctx: RequestContext, path: str) -> Reply:
         if kind == "health":
             return await self.health()
         if kind == "models":
             return self.models(ctx, await self.upstream_model_lists())
+        if kind == "model":
+            return self.model(ctx, percent_decoded(path[len(MODEL_ROUTE_PREFIX):]), await self.upstream_model_lists())
         if kind == "tags":
             ids = self.state.model_ids(await self.upstream_model_lists())
             return json_reply({"models": [self.tr.ollama_tags_entry(mid) for _, mid in ids]})
@@ -1628,14 +1650,32 @@ class Gateway:
         return await asyncio.shield(task)
 
     def models(self, ctx: RequestContext, listed: Mapping[str, list[str]]) -> Reply:
-        ids = self.state.model_ids(listed)
+        return self._model_list(ctx, self.state.model_ids(listed))
+
+    @staticmethod
+    def _model_list(ctx: RequestContext, ids: list[tuple[str, str]]) -> Reply:
         if "anthropic-version" in ctx.headers:
-            data = [{"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"}
-                    for _, mid in ids]
+            data = [_anthropic_model(mid) for _, mid in ids]
             return json_reply({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                                "last_id": data[-1]["id"] if data else None})
-        return json_reply({"object": "list", "data": [
-            {"id": mid, "object": "model", "created": 0, "owned_by": name} for name, mid in ids]})
+        return json_reply({"object": "list", "data": [_openai_model(name, mid) for name, mid in ids]})
+
+    def model(self, ctx: RequestContext, wanted: str, listed: Mapping[str, list[str]]) -> Reply:
+        """`GET /v1/models/{id}`: the model `provider:model` as one object; a provider's name lists its models."""
+        ids = self.state.model_ids(listed)
+        for name, mid in ids:
+            if mid == wanted:
+                return json_reply(_anthropic_model(mid) if "anthropic-version" in ctx.headers
+                                  else _openai_model(name, mid))
+        config = self.state.config
+        provider = next((p for p in config.providers if p.name == wanted), None)
+        if provider is not None:
+            if not provider.enabled:
+                raise GatewayError(503, f"provider '{wanted}' is disabled; set \"enabled\": true for it in "
+                                        f"{config.path} to use it", "unavailable")
+            return self._model_list(ctx, [(name, mid) for name, mid in ids if name == wanted])
+        raise GatewayError(404, f"model '{wanted}' is not in this gateway's model list; GET /v1/models lists "
+                                "the models as provider:model", "not_found", code="model_not_found")
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """This process's metrics as plain JSON data (what `render_metrics_text` renders)."""
@@ -2155,8 +2195,12 @@ class HttpConnection(asyncio.Protocol):
         headers = request_headers(request.headers.raw_items())  # a plain list: iterating Headers is slow
         ctx = RequestContext(request_id, headers)
         route = ROUTES.get(path)
+        if route is None and path.startswith(MODEL_ROUTE_PREFIX):
+            route = MODEL_ROUTE
         dialect = route[2] if route else dialect_for_path(path)
         kind = route[1] if route else ""
+        if kind in MODEL_KINDS and "anthropic-version" in headers:
+            dialect = "anthropic"  # Claude Code asks for models at the OpenAI paths
         reply: Reply | None = None
         status = 0
         key_name = None
@@ -2184,7 +2228,7 @@ class HttpConnection(asyncio.Protocol):
                 reply = await gateway.handle_post(kind, dialect, raw, ctx)
             else:
                 await self._read_body(headers, expect_json=False)
-                reply = await gateway.handle_get(kind, ctx)
+                reply = await gateway.handle_get(kind, ctx, path)
         except _CloseAfter as e:
             reply = error_reply(dialect, e.error)
             reply.headers.append((b"connection", b"close"))

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 from conftest import provider
@@ -130,6 +131,33 @@ def test_models_lists_provider_model_ids(harness):
                          provider("off", up.url, enabled=False, models=["x"])])
     ids = [m.id for m in client(url).models.list()]
     assert ids == ["mock:a", "mock:b:7b"]
+
+
+def test_one_model_is_retrieved_by_its_id_and_a_provider_name_lists_that_providers_models(harness):
+    up = harness.upstream(chat_handler())
+    url = harness.start([provider("mock", up.url + "/v1", models=["a", "b:7b", "org/x"]),
+                         provider("off", up.url, enabled=False, models=["x"])])
+    c = client(url)
+    m = c.models.retrieve("mock:b:7b")
+    assert (m.id, m.owned_by) == ("mock:b:7b", "mock")
+    assert c.models.retrieve("mock:org/x").id == "mock:org/x"  # OpenRouter-style ids keep their slash
+    with pytest.raises(openai.NotFoundError) as info:
+        c.models.retrieve("mock:nosuch")
+    assert "GET /v1/models" in info.value.message
+    assert httpx.get(url + "/v1/models/mock%3Aorg%2Fx").json()["id"] == "mock:org/x"
+    listed = httpx.get(url + "/v1/models/mock").json()
+    assert [d["id"] for d in listed["data"]] == ["mock:a", "mock:b:7b", "mock:org/x"]
+    off = httpx.get(url + "/v1/models/off")
+    assert off.status_code == 503 and '"enabled": true' in off.json()["error"]["message"]
+    # Claude Code asks with `anthropic-version`: the Anthropic shapes, errors included
+    anthropic = {"anthropic-version": "2023-06-01"}
+    one = httpx.get(url + "/v1/models/mock:a", headers=anthropic).json()
+    assert one == {"type": "model", "id": "mock:a", "display_name": "mock:a", "created_at": "2025-01-01T00:00:00Z"}
+    missing = httpx.get(url + "/v1/models/nosuch", headers=anthropic)
+    assert missing.status_code == 404 and missing.json()["type"] == "error"
+    assert missing.json()["error"]["type"] == "not_found_error"
+    assert httpx.head(url + "/v1/models/mock:a").status_code == 200
+    assert httpx.post(url + "/v1/models/mock:a").status_code == 405
 
 
 def test_models_of_a_provider_configured_without_models_come_from_its_upstream(harness, caplog):
