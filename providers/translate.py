@@ -456,6 +456,8 @@ def _ant_usage_from_chat(usage: Any) -> dict[str, int]:
 
 def _ant_stop_reason(finish_reason: Any, has_tool_use: bool) -> str:
     """Anthropic stop_reason that agrees with the blocks actually sent (WIRE §5.6)."""
+    if finish_reason == "length":
+        return "max_tokens"  # a tool call cut off mid-arguments must not be run as if whole
     if has_tool_use:
         return "tool_use"  # Ollama-style servers say "stop" while returning tool calls
     reason = _CHAT_TO_ANT_STOP.get(finish_reason, "end_turn") if isinstance(finish_reason, str) else "end_turn"
