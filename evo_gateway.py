@@ -1193,6 +1193,23 @@ class ResponsesRelay:
         return out + self._frame("response.failed", response=failed)
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in _INFINITIES:
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+_INFINITIES = (float("inf"), float("-inf"))
+# Client bodies: Python's json also reads NaN, Infinity and 1e999 (as inf), which would reach
+# the upstream re-serialised as NaN/Infinity — not JSON. A 400 here names the token instead.
+_REQUEST_JSON = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant).decode
+
+
 class Router:
     """Resolves a request's `model` to (provider, upstream model) exactly as SPEC §4 says."""
 
@@ -1398,7 +1415,7 @@ class Gateway:
     async def handle_post(self, kind: str, dialect: str, raw: bytes, ctx: RequestContext) -> Reply:
         """Parse, validate, route and answer one POST; errors raised here are rendered by the caller."""
         try:
-            body = json.loads(raw.decode("utf-8"))
+            body = _REQUEST_JSON(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise GatewayError(400, f"the request body is not UTF-8 ({e.reason} at byte {e.start})",
                                "invalid_request") from None
@@ -2303,21 +2320,24 @@ class HttpConnection(asyncio.Protocol):
             self._write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         parts = []
         size = 0
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                await self._wait_for_body_data()
-                continue
-            if type(event) is h11.Data:
-                size += len(event.data)
-                if size > limit:
-                    raise _CloseAfter(GatewayError(413, f"the request body is over the limit of {limit} bytes "
-                                                        "(server.max_body_bytes)"))
-                parts.append(event.data)
-                continue
-            if type(event) is h11.EndOfMessage:
-                return b"".join(parts)
-            raise _CloseAfter(GatewayError(400, "the request body ended early"))
+        try:
+            while True:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    await self._wait_for_body_data()
+                    continue
+                if type(event) is h11.Data:
+                    size += len(event.data)
+                    if size > limit:
+                        raise _CloseAfter(GatewayError(413, f"the request body is over the limit of {limit} "
+                                                            "bytes (server.max_body_bytes)"))
+                    parts.append(event.data)
+                    continue
+                if type(event) is h11.EndOfMessage:
+                    return b"".join(parts)
+                raise _CloseAfter(GatewayError(400, "the request body ended early"))
+        except h11.RemoteProtocolError as e:  # a chunk size that is not hex, a chunk longer than it said…
+            raise _CloseAfter(GatewayError(400, f"the request body's HTTP framing is invalid ({e})")) from None
 
     async def _send_reply(self, reply: Reply, request_id: str, ctx: RequestContext | None) -> None:
         # No Server header: optional (RFC 9110), and h11 spends ~1% of a proxied request per header.

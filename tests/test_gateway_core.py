@@ -467,6 +467,8 @@ def test_bad_input_gets_4xx_in_openai_envelope_and_server_keeps_serving(harness)
     up = harness.upstream(chat_handler())
     harness.start([provider("mock", up.url)], server={"max_body_bytes": 1000, "max_head_bytes": 2048})
     port = harness.port
+    chunked_head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
     cases = [
         (post_head("/v1/chat/completions", b"{not json"), 400),
         (post_head("/v1/chat/completions", b"[1, 2]"), 400),
@@ -481,6 +483,11 @@ def test_bad_input_gets_4xx_in_openai_envelope_and_server_keeps_serving(harness)
         (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
          b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
+        (chunked_head + b"zz\r\nabc\r\n0\r\n\r\n", 400),  # a chunk size that is not hex
+        (chunked_head + b"5\r\nabcdefgh\r\n0\r\n\r\n", 400),  # a chunk longer than it said
+        # Python's json reads these; forwarded, they would reach the upstream as NaN/Infinity
+        (post_head("/v1/chat/completions", b'{"model": "m", "messages": [], "temperature": NaN}'), 400),
+        (post_head("/v1/chat/completions", b'{"model": "m", "messages": [], "top_p": 1e999}'), 400),
     ]
     raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # warm up lazy state
     before = _fd_count()
@@ -493,6 +500,7 @@ def test_bad_input_gets_4xx_in_openai_envelope_and_server_keeps_serving(harness)
     assert _fd_count() <= before
     r = client(harness.url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert r.choices[0].message.content == "Hello!"
+    assert [r.method for r in up.requests].count("POST") == 1  # none of the bad ones reached the upstream
 
 
 def test_slow_head_is_dropped_while_others_are_served(harness):
