@@ -2096,12 +2096,25 @@ class HttpConnection(asyncio.Protocol):
             self._data_waiter = None
 
     async def _wait_for_body_data(self) -> None:
-        """Wait for more of a request body; a client silent for head_timeout_s is dropped (ticker)."""
+        """Wait for more of a request body; a client silent for head_timeout_s gets a 408 and is dropped."""
         self.deadline = time.monotonic() + self.limits.head_timeout_s
         try:
             await self._wait_for_data()
+        except _ClientTooSlow:
+            raise _CloseAfter(GatewayError(408, f"the request body stopped arriving for "
+                                                f"{self.limits.head_timeout_s:g}s (server.head_timeout_s)")) from None
         finally:
             self.deadline = None
+
+    def on_deadline(self) -> None:
+        """The ticker's call once `deadline` has passed: a client that started a request and went
+        quiet is told so (408) by the task waiting for it; an idle keep-alive is just closed."""
+        self.deadline = None
+        waiter = self._data_waiter
+        if self.bytes_in and waiter is not None and not waiter.done():
+            waiter.set_exception(_ClientTooSlow())
+        else:
+            self.abort()
 
     async def _drain(self) -> None:
         if self._write_paused and not self.closed:
@@ -2163,7 +2176,13 @@ class HttpConnection(asyncio.Protocol):
                 if must_wait:
                     if self.server.draining and idle:
                         return None
-                    await self._wait_for_data()
+                    try:
+                        await self._wait_for_data()
+                    except _ClientTooSlow:
+                        await self._send_early_error(408, "the request head did not arrive whole within "
+                                                          f"{limits.head_timeout_s:g}s (server.head_timeout_s)",
+                                                     "openai")
+                        return None
                     if idle and self.bytes_in:
                         idle = False  # the first bytes of a head: its deadline starts now
                         self.deadline = time.monotonic() + limits.head_timeout_s
@@ -2296,7 +2315,7 @@ class HttpConnection(asyncio.Protocol):
                         return False
                 else:
                     return type(event) is h11.EndOfMessage
-        except (h11.RemoteProtocolError, ConnectionError):
+        except (h11.RemoteProtocolError, ConnectionError, _ClientTooSlow):
             return False
         finally:
             self.deadline = None
@@ -2470,6 +2489,10 @@ def _shutdown_error(server: Server) -> GatewayError:
                         headers=[("retry-after", "1")])
 
 
+class _ClientTooSlow(Exception):
+    """A client that began a request stopped sending before its head or body was whole."""
+
+
 class _CloseAfter(Exception):
     """An error answered before the body was read: the connection closes after the reply."""
 
@@ -2547,7 +2570,7 @@ class Server:
                     self.on_orphaned()
             for conn in list(self.connections):
                 if conn.deadline is not None and now > conn.deadline:
-                    conn.abort()  # a slow head or an idle keep-alive past its time
+                    conn.on_deadline()  # a slow head or body, or an idle keep-alive past its time
                 elif conn.streaming_sse or conn.pending_head:
                     conn.send_keepalive_if_quiet(now)
             auth = self.gateway.auth
