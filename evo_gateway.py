@@ -645,12 +645,16 @@ def parse_upstream_json(raw: bytes, provider: str) -> dict:
     return data
 
 
-async def sse_json_events(resp: UpstreamResponse, provider: str) -> AsyncIterator[tuple[str, dict]]:
+async def sse_json_events(resp: UpstreamResponse, provider: str,
+                          is_final: Callable[[dict], bool]) -> AsyncIterator[tuple[str, dict]]:
     """Decode an upstream SSE body into (event name, JSON object) pairs; stops at `[DONE]`.
 
-    The connection is closed if the consumer stops early.
+    A body that ends before `[DONE]` or an event `is_final` accepts was cut off (an upstream
+    that closes its connection to end a response looks like one that finished): that raises a
+    502 instead of passing for a whole answer. The connection is closed if the consumer stops early.
     """
     decoder = SSEDecoder()
+    complete = False
     try:
         async for chunk in resp.aiter_bytes():
             for event, data in decoder.feed(chunk):
@@ -662,7 +666,11 @@ async def sse_json_events(resp: UpstreamResponse, provider: str) -> AsyncIterato
                     raise GatewayError(502, f"provider '{provider}' sent a stream event that is not JSON: "
                                             f"{data[:200]!r}", "upstream") from None
                 if isinstance(obj, dict):
+                    complete = complete or is_final(obj)
                     yield event, obj
+        if not complete:
+            raise GatewayError(502, f"provider '{provider}' ended its stream before the answer was complete "
+                                    "(no final event)", "upstream")
     finally:
         resp.close()
 

@@ -48,10 +48,14 @@ class AnthropicProvider(HttpProvider):
     async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict]:
         translator = tr.AnthropicToChatStream(model)
         try:
-            async for event, data in sse_json_events(resp, self.name):
+            async for event, data in sse_json_events(resp, self.name, _is_message_stop):
                 for chunk in translator.feed(data.get("type") or event, data):
                     yield chunk
         except tr.UpstreamStreamError as e:
             raise GatewayError(502, f"{self.name}: {e}", "upstream") from None
         for chunk in translator.finish():
             yield chunk
+
+
+def _is_message_stop(event: dict) -> bool:
+    return event.get("type") == "message_stop"

@@ -14,6 +14,7 @@ from evo_gateway import (
     sse_json_events,
     upstream_error,
 )
+from providers.translate import as_list
 
 
 class OpenAICompatProvider(HttpProvider):
@@ -48,12 +49,16 @@ class OpenAICompatProvider(HttpProvider):
         return self._chunks(resp)
 
     async def _chunks(self, resp: Any):
-        async for _, obj in sse_json_events(resp, self.name):
+        async for _, obj in sse_json_events(resp, self.name, _has_finish_reason):
             err = obj.get("error")
             if err:
                 message = err.get("message") if isinstance(err, dict) else str(err)
                 raise GatewayError(502, f"{self.name}: {message}", "upstream")
             yield obj
+
+
+def _has_finish_reason(chunk: dict) -> bool:
+    return any(isinstance(c, dict) and c.get("finish_reason") for c in as_list(chunk.get("choices")))
 
 
 def _large_int(value: Any) -> bool:

@@ -695,6 +695,29 @@ def test_translated_anthropic_stream_mid_stream_failure_ends_with_error_event(ha
     assert "message_stop" not in [n for n, _ in events]
 
 
+def test_translated_streams_whose_upstream_ends_without_a_final_event_end_with_an_error_not_a_whole_answer(harness):
+    # Each upstream ends its body cleanly, but before the event that says the answer is whole
+    cut_chat = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chat_chunks(["Hel", "lo"])[:3]]
+    oa_up = harness.upstream(lambda req: _const(MockResponse(200, chunked(*cut_chat),
+                                                             content_type="text/event-stream")))
+    cut_ant = [ant_event(e) for e in ant_stream_events(tool=False) if e["type"] != "message_stop"]
+    ant_up = harness.upstream(lambda req: _const(MockResponse(200, chunked(*cut_ant),
+                                                              content_type="text/event-stream")))
+    url = harness.start([oa_provider(oa_up), ant_provider(ant_up)], environ=ANTH_ENV)
+    status, raw = raw_stream(url, {"model": "oa:m", "max_tokens": 10, "stream": True,
+                                   "messages": [{"role": "user", "content": "x"}]})
+    events = sse_events(raw)
+    assert status == 200 and events[-1][0] == "error", events[-3:]
+    assert "before the answer was complete" in events[-1][1]["error"]["message"]
+    assert "message_stop" not in [n for n, _ in events]
+    stream = oa_client(url).chat.completions.create(model="anthropic:claude-x", stream=True,
+                                                    messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.APIError) as e:
+        for _ in stream:
+            pass
+    assert "before the answer was complete" in str(e.value.message)
+
+
 def test_translated_anthropic_upstream_error_before_stream_keeps_status_and_envelope(harness):
     async def handler(req):
         return MockResponse(429, {"error": {"message": "quota exceeded", "type": "rate_limit_error"}},

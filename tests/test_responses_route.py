@@ -476,7 +476,7 @@ def test_bridge_stream_upstream_failure_ends_with_response_failed(harness, body)
     assert events[-1].response.id == events[0].response.id
 
 
-def test_bridge_stream_cut_without_finish_or_done_still_ends_with_response_completed(harness):
+def test_bridge_stream_cut_without_finish_or_done_ends_with_response_failed_not_a_whole_answer(harness):
     async def handler(req):
         async def body():
             for c in chat_chunks(["Hel", "lo"])[:3]:  # no finish_reason, no usage, no [DONE]
@@ -485,9 +485,9 @@ def test_bridge_stream_cut_without_finish_or_done_still_ends_with_response_compl
     up = harness.upstream(handler)
     url = harness.start([provider("mock", up.url + "/v1")])
     _, raw = post_stream(url, {"model": "mock:m", "input": "hi", "stream": True})
-    completed = check_responses_stream(sse_frames(raw))
-    assert completed["type"] == "response.completed"
-    assert completed["response"]["output"][0]["content"][0]["text"] == "Hello"
+    failed = check_responses_stream(sse_frames(raw))
+    assert failed["type"] == "response.failed", failed  # WIRE §2.5: a disconnect is response.failed
+    assert "before the answer was complete" in failed["response"]["error"]["message"]
 
 
 def _passthrough_died_mid_event():
