@@ -483,6 +483,7 @@ async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
         raw = b""
     message = ""
     kind = ""
+    code = param = None
     try:
         data = json.loads(raw)
     except ValueError:
@@ -494,6 +495,10 @@ async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
             etype = str(err.get("type") or "")
             if etype == "overloaded_error":
                 kind = "overloaded"
+            # OpenAI's machine-readable reason (context_length_exceeded, insufficient_quota…):
+            # clients such as Codex act on it, so it survives translation of the envelope.
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+            param = err.get("param") if isinstance(err.get("param"), str) else None
         elif isinstance(err, str):
             message = err
         elif isinstance(data.get("message"), str):
@@ -503,7 +508,7 @@ async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
         message = text[:500] or f"HTTP {resp.status} with an empty body"
     headers = [(n, v) for n, v in ((n, resp.header(n.encode())) for n in ("retry-after", "retry-after-ms"))
                if v is not None]
-    return GatewayError(resp.status, f"{provider}: {message}", kind, headers=headers)
+    return GatewayError(resp.status, f"{provider}: {message}", kind, code=code, param=param, headers=headers)
 
 
 _ACCEPT_JSON = (b"accept", b"application/json")

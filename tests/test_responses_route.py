@@ -303,6 +303,19 @@ def test_bridge_upstream_429_before_the_stream_is_an_http_429(harness, stream):
     assert "slow down" in e.value.message
 
 
+def test_bridge_keeps_the_upstreams_error_code_which_codex_acts_on(harness):
+    async def handler(req):
+        return MockResponse(400, {"error": {"message": "This model's maximum context length is 8192 tokens.",
+                                            "type": "invalid_request_error", "param": "messages",
+                                            "code": "context_length_exceeded"}})
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url + "/v1")])
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).responses.create(model="mock:m", input="hi")
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "messages")
+    assert "maximum context length" in e.value.message
+
+
 # -- a Codex-shaped request --------------------------------------------------------------------
 
 SHELL_TOOL = {"type": "function", "name": "shell", "description": "Runs a shell command and returns its output.",
