@@ -1117,9 +1117,20 @@ def _openai_error_event(err: GatewayError) -> bytes:
 
 
 class ChatStream:
-    """Chat chunks → OpenAI SSE frames, for OpenAI clients of providers that do not speak OpenAI."""
+    """Chat chunks → OpenAI SSE frames, for OpenAI clients of providers that do not speak OpenAI.
+
+    The gateway always asks the provider for usage (for its log); a client that did not ask
+    (`stream_options.include_usage`) does not get the extra usage chunk (WIRE §1.2).
+    """
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
 
     def feed(self, chunk: dict) -> list[bytes]:
+        if not self.include_usage and "usage" in chunk:
+            if not chunk.get("choices"):
+                return []
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}
         return [b"data: " + json_bytes(chunk) + b"\n\n"]
 
     def finish(self) -> list[bytes]:
@@ -1554,7 +1565,8 @@ class Gateway:
         if isinstance(result, dict):
             result = _completion_as_chunks(result)
         if kind == "chat":
-            translator: Any = ChatStream()
+            options = body.get("stream_options")
+            translator: Any = ChatStream(isinstance(options, dict) and options.get("include_usage") is True)
             headers = SSE_HEADERS
         elif kind == "messages":
             translator = tr.ChatToAnthropicStream(client_model, input_tokens=tr.estimate_anthropic_tokens(body),

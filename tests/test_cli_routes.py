@@ -169,7 +169,8 @@ def test_prompt_with_a_lone_surrogate_and_a_nul_still_reaches_each_cli_tool(harn
 def test_openai_client_stream_answer_from_each_cli_tool_in_several_chunks(harness, tools, name):
     url = start(harness, tools)
     pieces = []
-    with openai_client(url).chat.completions.stream(model=f"{name}:sonnet", messages=ask()) as s:
+    with openai_client(url).chat.completions.stream(model=f"{name}:sonnet", messages=ask(),
+                                                    stream_options={"include_usage": True}) as s:
         for event in s:
             if event.type == "content.delta" and event.delta:
                 pieces.append(event.delta)
@@ -180,6 +181,15 @@ def test_openai_client_stream_answer_from_each_cli_tool_in_several_chunks(harnes
     assert final.choices[0].finish_reason == "stop"
     assert final.usage is not None and final.usage.total_tokens == TOTAL_TOKENS[name]
     assert MODEL_FLAG[name][1] in tools.records()[0]["argv"]
+
+
+def test_a_stream_whose_client_did_not_ask_for_usage_gets_no_usage_chunk(harness, tools):
+    url = start(harness, tools)
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
+            "model": "claude-code:sonnet", "stream": True, "messages": ask()}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == CONTENT["claude-code"]
+    assert all(c["choices"] and "usage" not in c for c in chunks)  # WIRE §1.3: only with include_usage
 
 
 def test_anthropic_client_stream_through_claude_code_is_translated(harness, tools):
@@ -515,7 +525,7 @@ def test_translate_stream_closes_the_chunk_stream_on_every_exit_path(ending):
         gateway = _gateway()
         chunks = _ClosableChunks(GatewayError(502, "tool died") if ending == "gateway_error" else None,
                                  asyncio.Event() if ending == "cancelled" else None)
-        translator = _BrokenTranslator() if ending == "translator_bug" else ChatStream()
+        translator = _BrokenTranslator(True) if ending == "translator_bug" else ChatStream(True)
         frames = gateway._translate_stream(chunks, translator, RequestContext("r", {}))
         out = []
         if ending == "consumer_aclose":
