@@ -1028,8 +1028,8 @@ ROUTES: dict[str, tuple[str, str, str]] = {
 MODEL_ROUTE_PREFIX = "/v1/models/"
 MODEL_ROUTE = ("GET", "model", "openai")
 MODEL_KINDS = frozenset({"models", "model"})
-# Liveness checks that never need a gateway key and reveal nothing.
-OPEN_KINDS = frozenset({"health", "root"})
+# What never needs a gateway key (SPEC §9: /health alone).
+OPEN_KINDS = frozenset({"health"})
 OLLAMA_KINDS = frozenset({"ollama_chat", "ollama_generate", "ollama_embed", "ollama_embeddings", "ollama_show"})
 # Fields each kind cannot do without: checked before anything reaches an upstream.
 REQUIRED_FIELDS: dict[str, tuple[tuple[str, type, str], ...]] = {
@@ -1375,7 +1375,8 @@ class Gateway:
             else:
                 message = ("missing or invalid gateway API key: send it as 'Authorization: Bearer <key>' "
                            "or 'x-api-key: <key>'")
-            raise GatewayError(401, message, "authentication", code="invalid_api_key")
+            raise GatewayError(401, message, "authentication", code="invalid_api_key",
+                               headers=[("www-authenticate", "Bearer")])
         return name
 
     # -- reload ---------------------------------------------------------------------------
@@ -2389,8 +2390,6 @@ class HttpConnection(asyncio.Protocol):
         if self.gateway.worker_id:
             headers.append((b"x-evo-worker", self.gateway.worker_id.encode()))
         headers += reply.headers
-        if reply.status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
         reason = _STATUS_PHRASES.get(reply.status, b"")
         body = reply.body
         if isinstance(body, (bytes, bytearray)):

@@ -333,6 +333,9 @@ def test_upstream_429_and_400_pass_through_with_body_and_retry_after(harness):
         if req.json()["model"] == "busy":
             return MockResponse(429, {"error": {"message": "rate limited", "type": "rate_limit_error"}},
                                 headers=[("retry-after", "7")])
+        if req.json()["model"] == "locked":
+            return MockResponse(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}})
         return MockResponse(400, {"error": {"message": "bad thing", "type": "invalid_request_error",
                                             "param": "messages", "code": None}})
     up = harness.upstream(handler)
@@ -344,6 +347,10 @@ def test_upstream_429_and_400_pass_through_with_body_and_retry_after(harness):
     with pytest.raises(openai.BadRequestError) as e:
         client(url).chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
     assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(url).chat.completions.create(model="locked", messages=[{"role": "user", "content": "x"}])
+    # the upstream's key was refused, not the client's: no challenge to send the gateway one
+    assert "www-authenticate" not in e.value.response.headers
 
 
 def test_upstream_refused_is_502_naming_provider_and_host(harness):

@@ -310,7 +310,7 @@ def test_api_version_is_numeric_semver_that_clients_parse(harness):
     assert httpx.head(url + "/api/version", timeout=10).status_code == 200
 
 
-def test_root_liveness_and_ps_answer_like_ollama_and_root_needs_no_key(harness, tmp_path):
+def test_root_liveness_and_ps_answer_like_ollama_and_only_health_needs_no_key(harness, tmp_path):
     keys = tmp_path / "auth.json"
     url, _, _ = start_both(harness)
     r = httpx.get(url + "/", timeout=10)
@@ -321,7 +321,8 @@ def test_root_liveness_and_ps_answer_like_ollama_and_root_needs_no_key(harness, 
     harness.stop()
     harness.server = None
     url = harness.start([], environ={"EVO_GATEWAY_AUTH": "true", "EVO_GATEWAY_AUTH_KEYS": str(keys)})
-    assert httpx.get(url + "/", timeout=10).status_code == 200  # a liveness check, like /health
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert httpx.get(url + "/", timeout=10).status_code == 401  # SPEC §9: every route but /health
     assert httpx.get(url + "/api/ps", timeout=10).status_code == 401
 
 
