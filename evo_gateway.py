@@ -1072,11 +1072,8 @@ def percent_decoded(text: str) -> str:
 
 
 def dialect_for_path(path: str) -> str:
-    if path.startswith("/api/"):
-        return "ollama"
-    if path.startswith("/v1/messages"):
-        return "anthropic"
-    return "openai"
+    """The envelope of an unknown path or a wrong method (SPEC §8): Ollama's under /api/, else OpenAI's."""
+    return "ollama" if path.startswith("/api/") else "openai"
 
 
 def error_body(dialect: str, err: GatewayError) -> dict:
@@ -2276,6 +2273,7 @@ class HttpConnection(asyncio.Protocol):
             if method != route[0]:
                 allow = "GET, HEAD" if route[0] == "GET" else route[0]
                 if not (method == "HEAD" and route[0] == "GET"):
+                    dialect = dialect_for_path(path)
                     raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
                                        headers=[("allow", allow)])
             if gateway.auth is not None and kind not in OPEN_KINDS:

@@ -578,6 +578,10 @@ def test_unknown_path_404_and_wrong_method_405_with_allow(harness):
     raw = raw_request(harness.port, b"GET /api/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     status, body = _status_and_json(raw)
     assert status == 404 and isinstance(body["error"], str)  # the Ollama envelope under /api/
+    for request in (b"GET /v1/messages/nope", b"GET /v1/messages"):  # SPEC §8: OpenAI's elsewhere
+        raw = raw_request(harness.port, request + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, body = _status_and_json(raw)
+        assert status in (404, 405) and set(body["error"]) == {"message", "type", "param", "code"}
     raw = raw_request(harness.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n"
                       b"Content-Type: application/json\r\nConnection: close\r\n\r\n"
                       b'{"model":"m","messages":[]}   ')
