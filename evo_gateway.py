@@ -210,11 +210,11 @@ def _is_type(value: Any, types: Any) -> bool:
     return isinstance(value, types)
 
 
-def _check_fields(obj: dict, fields: dict, where: str, path: str, warnings: list) -> None:
+def _check_fields(obj: dict, fields: dict, where: str, path: str, legacy: list) -> None:
     for key, value in obj.items():
         if key not in fields:
             if key in LEGACY_KEYS:
-                warnings.append(f"{path}: {where}{key}: accepted for compatibility but not used")
+                legacy.append(f"{where}{key}")
                 continue
             hint = difflib.get_close_matches(key, list(fields), n=1)
             extra = f" (did you mean {hint[0]}?)" if hint else f" (known keys: {', '.join(fields)})"
@@ -236,9 +236,10 @@ def parse_config(data: Any, path: str) -> Config:
     warnings: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
-    _check_fields(data, _TOP_FIELDS, "", path, warnings)
+    legacy: list[str] = []
+    _check_fields(data, _TOP_FIELDS, "", path, legacy)
     raw_server = data["server"]
-    _check_fields(raw_server, _SERVER_FIELDS, "server.", path, warnings)
+    _check_fields(raw_server, _SERVER_FIELDS, "server.", path, legacy)
     server = ServerConfig(**{k: v for k, v in raw_server.items() if k in _SERVER_FIELDS})
     if not 0 <= server.port <= 65535:
         raise ConfigError(f"{path}: server.port: must be 0..65535, got {server.port}")
@@ -254,7 +255,7 @@ def parse_config(data: Any, path: str) -> Config:
         where = f"providers[{i}]."
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: providers[{i}]: must be an object")
-        _check_fields(raw, _PROVIDER_FIELDS, where, path, warnings)
+        _check_fields(raw, _PROVIDER_FIELDS, where, path, legacy)
         fields = {k: v for k, v in raw.items() if k in _PROVIDER_FIELDS}
         name = fields["name"]
         if not name or ":" in name:
@@ -286,6 +287,8 @@ def parse_config(data: Any, path: str) -> Config:
         fields.update(provider_type=ptype, base_url=base_url, api_key_envs=tuple(fields.get("api_key_envs", ())),
                       models=tuple(fields.get("models", ())), extra_headers=tuple(headers.items()))
         providers.append(ProviderConfig(**fields))
+    if legacy:
+        warnings.append(f"{path}: {', '.join(legacy)}: written by the original evo-gateway; accepted but not used")
     return Config(server=server, providers=tuple(providers), path=path, warnings=tuple(warnings))
 
 

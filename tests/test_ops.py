@@ -243,6 +243,15 @@ def test_reload_temp_file_renamed_over_config_is_picked_up(harness, tmp_path):
     assert harness.gateway.metrics.reloads == {"ok": 1, "failed": 0}
 
 
+def test_keys_the_original_gateway_wrote_are_accepted_with_one_warning_naming_them():
+    prov = dict(provider("a", "http://127.0.0.1:9/v1"), model_metadata={})
+    config = evo_gateway.parse_config({"server": SERVER, "providers": [prov], "rate_limit": {}, "routing": {},
+                                       "reliability": {"max_retries": 3}}, "t.json")
+    assert config.warnings == ("t.json: rate_limit, routing, reliability, providers[0].model_metadata: written by "
+                               "the original evo-gateway; accepted but not used",)
+    assert evo_gateway.parse_config({"server": SERVER, "providers": []}, "t.json").warnings == ()
+
+
 def test_reload_broken_file_keeps_running_config_and_logs_the_exact_error(harness, tmp_path, gateway_log):
     a = harness.upstream(answering("from-a"))
     cfg = tmp_path / "gateway.json"
