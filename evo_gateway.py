@@ -2243,10 +2243,14 @@ class HttpConnection(asyncio.Protocol):
             return
         reply = error_reply(dialect, GatewayError(status, message))
         reply.headers.append((b"connection", b"close"))
+        ctx = RequestContext(next_request_id(), {})
+        ctx.note(error=message)
         try:
-            await self._send_reply(reply, next_request_id(), None)
+            await self._send_reply(reply, ctx.request_id, None)
         except (ConnectionError, h11.LocalProtocolError):
             pass
+        finally:  # one line per request (SPEC §11), this one's method and path unknown
+            self._log_request(ctx, "-", "-", status, None)
 
     async def _respond(self, request: h11.Request) -> None:
         gateway = self.gateway

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -510,7 +511,7 @@ def test_bad_input_gets_4xx_in_openai_envelope_and_server_keeps_serving(harness)
     assert [r.method for r in up.requests].count("POST") == 1  # none of the bad ones reached the upstream
 
 
-def test_slow_head_is_dropped_while_others_are_served(harness):
+def test_slow_head_is_dropped_while_others_are_served(harness, caplog):
     up = harness.upstream(chat_handler())
     harness.start([provider("mock", up.url)], server={"head_timeout_s": 1})
     slow = socket.create_connection(("127.0.0.1", harness.port), timeout=10)
@@ -527,6 +528,9 @@ def test_slow_head_is_dropped_while_others_are_served(harness):
     status, body = _status_and_json(answer)
     assert status == 408 and "server.head_timeout_s" in body["error"]["message"]
     assert b"connection: close" in answer.lower()
+    request_id = re.search(rb"x-request-id: (\S+)", answer).group(1).decode()
+    (line,) = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
+    assert line.startswith("- - 408 ") and "head_timeout_s" in line  # logged like any request (SPEC §11)
 
 
 def test_a_body_that_stops_arriving_gets_408_in_the_routes_dialect_and_never_reaches_the_upstream(harness):
