@@ -579,6 +579,9 @@ class HttpProvider(Provider):
     async def forward(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> Reply:
         stream = ctx.stream
         resp = await self.send(self.native_paths[kind], body, ctx, stream)
+        if resp.status >= 400 and "json" not in (resp.header(b"content-type") or ""):
+            # A proxy's HTML page, a plain-text 502: the client's SDK can only read its own envelope.
+            raise await upstream_error(resp, self.name)
         headers = [(k, v) for k, v in resp.headers
                    if k in _RELAYED_NAMES or k.startswith(_RELAYED_PREFIXES)]
         if stream and 200 <= resp.status < 300:

@@ -354,6 +354,21 @@ def test_upstream_429_and_400_pass_through_with_body_and_retry_after(harness):
     assert "www-authenticate" not in e.value.response.headers
 
 
+def test_an_upstream_error_page_that_is_not_json_reaches_the_client_in_its_envelope(harness):
+    async def handler(req):
+        return MockResponse(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html",
+                            headers=[("retry-after", "5")])
+    up = harness.upstream(handler)
+    url = harness.start([provider("mock", up.url)])
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as e:
+            client(url).chat.completions.create(model="m", stream=stream,
+                                                messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == 502 and e.value.response.headers["retry-after"] == "5"
+        assert e.value.response.headers["content-type"] == "application/json"
+        assert e.value.body["message"].startswith("mock: <html>") and "502 Bad Gateway" in e.value.body["message"]
+
+
 def test_upstream_refused_is_502_naming_provider_and_host(harness):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
