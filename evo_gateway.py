@@ -409,7 +409,7 @@ class Reply:
     `sse` marks an event stream, which may receive keep-alive comments while it is quiet.
     """
 
-    __slots__ = ("body", "error_frame", "headers", "sse", "status")
+    __slots__ = ("body", "error_frame", "headers", "relayed", "sse", "status")
 
     def __init__(self, status: int, headers: list, body: bytes | AsyncIterator[bytes], sse: bool = False) -> None:
         self.status = status
@@ -418,6 +418,8 @@ class Reply:
         self.sse = sse
         # For a relayed stream: renders a GatewayError raised mid-stream as the final event.
         self.error_frame: Callable[[GatewayError], bytes] | None = None
+        # Upstream bytes relayed as they are: their token usage is read on the way for the log.
+        self.relayed = False
 
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -1471,7 +1473,10 @@ class Gateway:
         if kind in provider.native_kinds:
             reply = await provider.forward(kind, body, ctx)
             if isinstance(reply.body, bytes):
+                if reply.status < 300:
+                    _note_usage(ctx, usage_in(reply.body))
                 return reply
+            reply.relayed = True
             if kind == "responses" and reply.sse:
                 relay = ResponsesRelay(ctx.model)
                 reply.body = self._relay_responses(reply.body, relay, ctx)
@@ -1952,8 +1957,63 @@ async def check_providers(config: Config, environ: dict | None = None,
 
 
 def _note_usage(ctx: RequestContext, usage: Any) -> None:
-    if isinstance(usage, dict):
+    """Put token usage on the request's log line: OpenAI chat's counts, or Anthropic's and the
+    Responses API's (`input_tokens`/`output_tokens`, which an Anthropic stream gives in two
+    events: input in message_start, output in message_delta) as prompt/completion tokens."""
+    if not isinstance(usage, dict):
+        return
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
         ctx.note(usage={k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage})
+        return
+    noted = dict(ctx.log.get("usage") or {})
+    if "input_tokens" in usage:
+        noted["prompt_tokens"] = sum(_count(usage.get(k)) for k in (
+            "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    if "output_tokens" in usage:
+        noted["completion_tokens"] = _count(usage["output_tokens"])
+    if noted:
+        noted["total_tokens"] = noted.get("prompt_tokens", 0) + noted.get("completion_tokens", 0)
+        ctx.note(usage=noted)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+_USAGE_KEY = b'"usage"'
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_RAW_JSON = json.JSONDecoder().raw_decode
+
+
+# Relayed answers are not parsed (their bytes go out as they came): these find the objects the
+# request log wants without parsing the rest.
+
+
+def usage_in(body: bytes) -> dict | None:
+    """The last `"usage": {…}` object in a relayed answer (its only one), or None."""
+    at = body.rfind(_USAGE_KEY)
+    while at >= 0:
+        found = _USAGE_OBJECT.match(body, at)
+        if found:
+            return _object_at(body, found.end() - 1)
+        at = body.rfind(_USAGE_KEY, 0, at)
+    return None
+
+
+def note_stream_usage(ctx: RequestContext, chunk: bytes) -> None:
+    """Note every `"usage": {…}` of a relayed stream chunk, in order (an Anthropic stream gives
+    input tokens in one event and output tokens in a later one; a burst may hold both). An
+    OpenAI chunk's `"usage":null` is skipped; a usage object split across chunks is missed."""
+    for found in _USAGE_OBJECT.finditer(chunk):
+        _note_usage(ctx, _object_at(chunk, found.end() - 1))
+
+
+def _object_at(data: bytes, start: int) -> dict | None:
+    try:
+        obj, _ = _RAW_JSON(data[start:].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 _QUIET = object()  # what `_with_quiet_marks` yields for a stretch of silence
@@ -2417,9 +2477,12 @@ class HttpConnection(asyncio.Protocol):
             # alone if the upstream stays quiet.
             self.pending_head = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
             self.stream_last_write = time.monotonic()
+            read_usage = reply.relayed and ctx is not None
             try:
                 async for chunk in body:
                     if chunk:
+                        if read_usage and _USAGE_KEY in chunk:
+                            note_stream_usage(ctx, chunk)
                         await self._write_chunk(chunk)
             except GatewayError as e:
                 if reply.error_frame is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import anthropic
 import httpx
@@ -219,6 +220,33 @@ def test_anthropic_stream_to_anthropic_upstream_accumulates_in_sdk(harness):
     assert final.content[1].type == "tool_use" and final.content[1].input == {"tz": "UTC"}
     assert final.stop_reason == "tool_use"
     assert final.usage.input_tokens == 12 and final.usage.output_tokens == 25
+
+
+def test_relayed_answers_put_their_token_usage_on_the_log_line(harness, caplog):
+    caplog.set_level(logging.INFO, logger="evo_gateway")
+    ant_up = anthropic_upstream(harness)
+    oa_up = chat_upstream(harness, [chat_completion("hi"), chat_chunks(["a", "b"])])
+    url = harness.start([ant_provider(ant_up), oa_provider(oa_up)], environ=ANTH_ENV)
+    with ant_client(url).messages.stream(model="anthropic:claude-x", max_tokens=100,
+                                         messages=[{"role": "user", "content": "time?"}]) as stream:
+        stream.get_final_message()
+    ant_client(url).messages.create(model="anthropic:claude-x", max_tokens=100,
+                                    messages=[{"role": "user", "content": "time?"}])
+    oa_client(url).chat.completions.create(model="oa:m", messages=[{"role": "user", "content": "x"}])
+    list(oa_client(url).chat.completions.create(model="oa:m", stream=True, stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "x"}]))
+    lines = [r for r in caplog.records if getattr(r, "fields", {}).get("path") in ("/v1/messages",
+                                                                                  "/v1/chat/completions")]
+    usages = [r.fields.get("usage") for r in lines]
+    # Anthropic: input (with cache reads) from message_start, output from message_delta
+    assert usages[0] == {"prompt_tokens": 312, "completion_tokens": 25, "total_tokens": 337}
+    assert usages[1] == {"prompt_tokens": ant_message()["usage"]["input_tokens"]
+                         + ant_message()["usage"].get("cache_read_input_tokens", 0)
+                         + ant_message()["usage"].get("cache_creation_input_tokens", 0),
+                         "completion_tokens": ant_message()["usage"]["output_tokens"],
+                         "total_tokens": usages[1]["prompt_tokens"] + usages[1]["completion_tokens"]}
+    assert usages[2] == chat_completion("hi")["usage"]
+    assert usages[3] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
 
 def test_anthropic_non_stream_to_anthropic_upstream_relays_body_and_headers(harness):
