@@ -1473,7 +1473,7 @@ class Gateway:
         if kind in provider.native_kinds:
             reply = await provider.forward(kind, body, ctx)
             if isinstance(reply.body, bytes):
-                if reply.status < 300:
+                if reply.status < 300 and log.isEnabledFor(logging.INFO):  # only the log line wants it
                     _note_usage(ctx, usage_in(reply.body))
                 return reply
             reply.relayed = True
@@ -2477,7 +2477,7 @@ class HttpConnection(asyncio.Protocol):
             # alone if the upstream stays quiet.
             self.pending_head = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
             self.stream_last_write = time.monotonic()
-            read_usage = reply.relayed and ctx is not None
+            read_usage = reply.relayed and ctx is not None and log.isEnabledFor(logging.INFO)
             try:
                 async for chunk in body:
                     if chunk:
