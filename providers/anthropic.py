@@ -41,12 +41,14 @@ class AnthropicProvider(HttpProvider):
         resp = await self.send("/messages", request, ctx, stream)
         if resp.status >= 300:
             raise await upstream_error(resp, self.name)
+        json_answer = tr.json_answer_tool(body) is not None
         if not stream:
-            return tr.anthropic_to_chat_response(parse_upstream_json(await resp.read(), self.name))
-        return self._chunks(resp, body.get("model", ""))
+            return tr.anthropic_to_chat_response(parse_upstream_json(await resp.read(), self.name),
+                                                 json_answer=json_answer)
+        return self._chunks(resp, body.get("model", ""), json_answer)
 
-    async def _chunks(self, resp: Any, model: str) -> AsyncIterator[dict]:
-        translator = tr.AnthropicToChatStream(model)
+    async def _chunks(self, resp: Any, model: str, json_answer: bool) -> AsyncIterator[dict]:
+        translator = tr.AnthropicToChatStream(model, json_answer=json_answer)
         try:
             async for event, data in sse_json_events(resp, self.name, _is_message_stop):
                 for chunk in translator.feed(data.get("type") or event, data):

@@ -781,6 +781,25 @@ def _ant_blocks_from_chat_content(content: Any) -> list[dict]:
     return blocks
 
 
+# Anthropic has no `response_format`: the JSON the client wants is asked for as the input of a
+# tool the model must call, and that call comes back to the client as the message text.
+JSON_ANSWER_TOOL = "json_answer"
+
+
+def json_answer_tool(body: dict) -> dict | None:
+    """The Anthropic tool standing for the chat request's `response_format` (json_schema or
+    json_object), or None when the request asks for plain text."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_schema", "json_object"):
+        return None
+    spec = as_dict(fmt.get("json_schema"))
+    schema = dict(spec["schema"]) if isinstance(spec.get("schema"), dict) else {}
+    schema.setdefault("type", "object")  # Anthropic requires an object schema (as OpenAI does for its root)
+    description = spec.get("description") if isinstance(spec.get("description"), str) else ""
+    return {"name": JSON_ANSWER_TOOL, "description": description or "Give your answer as this JSON object.",
+            "input_schema": schema}
+
+
 def chat_to_anthropic_request(body: dict) -> dict:
     """Translate an OpenAI chat request into an Anthropic Messages request.
 
@@ -788,7 +807,8 @@ def chat_to_anthropic_request(body: dict) -> dict:
     `tool_result` blocks at the head of a user turn; consecutive same-role turns are merged since
     Anthropic wants user/assistant alternation starting with a user turn. `max_tokens` defaults to
     4096 (Anthropic requires it), temperature is clamped to Anthropic's 0..1, `reasoning_effort`
-    becomes a thinking budget, and fields Anthropic lacks (n, logprobs, penalties, seed…) are dropped.
+    becomes a thinking budget, `response_format` a tool the model is told to call
+    (`json_answer_tool`), and fields Anthropic lacks (n, logprobs, penalties, seed…) are dropped.
     """
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -899,6 +919,11 @@ def chat_to_anthropic_request(body: dict) -> dict:
                 ant_choice["disable_parallel_tool_use"] = True
         if ant_choice:
             out["tool_choice"] = ant_choice
+    answer_tool = json_answer_tool(body)
+    if answer_tool and not any(t["name"] == JSON_ANSWER_TOOL for t in tools):
+        out["tools"] = tools + [answer_tool]
+        if not tools:  # with tools of its own the model may still need them first
+            out["tool_choice"] = {"type": "tool", "name": JSON_ANSWER_TOOL}
 
     budget = _ANT_EFFORT_BUDGET.get(body.get("reasoning_effort"))  # type: ignore[arg-type]
     last_assistant = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
@@ -940,13 +965,14 @@ def _chat_id(message_id: Any) -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dict:
+def anthropic_to_chat_response(resp: dict, *, created: int | None = None, json_answer: bool = False) -> dict:
     """Translate an Anthropic message into a chat.completion.
 
     Text blocks are joined, tool_use blocks become tool_calls with JSON-text arguments, and
     thinking text becomes `message.reasoning_content` (non-standard, as DeepSeek and vLLM send
-    it); redacted thinking is dropped. `created` defaults to the current time; tests pass a
-    fixed value.
+    it); redacted thinking is dropped. With `json_answer` (the request had a `response_format`)
+    the `JSON_ANSWER_TOOL` call is the answer: its input is the message text. `created`
+    defaults to the current time; tests pass a fixed value.
     """
     texts, calls, thinking = [], [], []
     for block in as_list(resp.get("content")):
@@ -956,6 +982,8 @@ def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dic
             texts.append(block["text"])
         elif block.get("type") == "thinking" and isinstance(block.get("thinking"), str):
             thinking.append(block["thinking"])
+        elif block.get("type") == "tool_use" and json_answer and block.get("name") == JSON_ANSWER_TOOL:
+            texts = [json.dumps(block.get("input") or {}, ensure_ascii=False)]  # the answer, not the preamble
         elif block.get("type") == "tool_use":
             calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
                 "name": str(block.get("name") or ""),
@@ -969,6 +997,8 @@ def anthropic_to_chat_response(resp: dict, *, created: int | None = None) -> dic
     finish = _ANT_TO_CHAT_FINISH.get(resp.get("stop_reason"), "stop")  # type: ignore[arg-type]
     if calls and finish == "stop":
         finish = "tool_calls"
+    elif not calls and finish == "tool_calls":  # only the JSON answer was "called"
+        finish = "stop"
     return {
         "id": _chat_id(resp.get("id")),
         "object": "chat.completion",
@@ -989,8 +1019,10 @@ class AnthropicToChatStream:
     `UpstreamStreamError`. `created` defaults to now.
     """
 
-    def __init__(self, model: str, *, created: int | None = None) -> None:
+    def __init__(self, model: str, *, created: int | None = None, json_answer: bool = False) -> None:
         self.model = model
+        self.json_answer = json_answer  # the JSON_ANSWER_TOOL call streams as the message text
+        self._answer_blocks: set[int] = set()
         self.created = int(time.time()) if created is None else created
         self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self._started = False
@@ -1019,6 +1051,8 @@ class AnthropicToChatStream:
         reason = _ANT_TO_CHAT_FINISH.get(self._stop_reason or "", "stop")
         if self._tool_index and reason == "stop":
             reason = "tool_calls"
+        elif not self._tool_index and reason == "tool_calls":  # only the JSON answer was "called"
+            reason = "stop"
         return [self._chunk({}, reason)]
 
     def _usage_chunk(self) -> dict:
@@ -1050,7 +1084,12 @@ class AnthropicToChatStream:
         if name == "content_block_start":
             block = data.get("content_block") if isinstance(data.get("content_block"), dict) else {}
             index = data.get("index")
-            if block.get("type") == "tool_use" and isinstance(index, int):
+            if (block.get("type") == "tool_use" and isinstance(index, int) and self.json_answer
+                    and block.get("name") == JSON_ANSWER_TOOL):
+                self._answer_blocks.add(index)
+                if block.get("input"):
+                    self._tool_input[index] = block["input"]
+            elif block.get("type") == "tool_use" and isinstance(index, int):
                 k = len(self._tool_index)
                 self._tool_index[index] = k
                 if block.get("input"):
@@ -1068,6 +1107,10 @@ class AnthropicToChatStream:
                 out.append(self._chunk({"content": delta["text"]}))
             elif delta.get("type") == "thinking_delta" and isinstance(delta.get("thinking"), str) and delta["thinking"]:
                 out.append(self._chunk({"reasoning_content": delta["thinking"]}))
+            elif delta.get("type") == "input_json_delta" and index in self._answer_blocks:
+                if isinstance(delta.get("partial_json"), str) and delta["partial_json"]:
+                    self._tool_streamed.add(index)
+                    out.append(self._chunk({"content": delta["partial_json"]}))
             elif delta.get("type") == "input_json_delta" and index in self._tool_index:
                 fragment = delta.get("partial_json")
                 if isinstance(fragment, str) and fragment:
@@ -1079,8 +1122,12 @@ class AnthropicToChatStream:
             index = data.get("index") if isinstance(data.get("index"), int) else None
             if index in self._tool_input and index not in self._tool_streamed:
                 # Input given whole at block start and never streamed: send it as one fragment.
-                out.append(self._chunk({"tool_calls": [{"index": self._tool_index[index], "function": {
-                    "arguments": json.dumps(self._tool_input[index], ensure_ascii=False)}}]}))
+                arguments = json.dumps(self._tool_input[index], ensure_ascii=False)
+                if index in self._answer_blocks:
+                    out.append(self._chunk({"content": arguments}))
+                else:
+                    out.append(self._chunk({"tool_calls": [{"index": self._tool_index[index],
+                                                            "function": {"arguments": arguments}}]}))
         elif name == "message_delta":
             delta = data.get("delta") if isinstance(data.get("delta"), dict) else {}
             if isinstance(delta.get("stop_reason"), str):

@@ -608,6 +608,49 @@ def test_openai_non_stream_to_anthropic_upstream_translates_system_tools_usage(h
     assert sent["tools"][0]["name"] == "get_time" and sent["tools"][0]["input_schema"]["properties"]
 
 
+def test_structured_output_from_an_anthropic_provider_reaches_the_sdks_parse(harness):
+    """Anthropic has no response_format: the schema goes as a tool the model must call, and the
+    call's input comes back as the message text, which the openai SDK parses into the model."""
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int
+
+    answer = {"name": "Paris", "population": 2100000}
+    message = {"id": "msg_j", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "tool_use",
+               "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 11},
+               "content": [{"type": "tool_use", "id": "toolu_j", "name": "json_answer", "input": answer}]}
+    arguments = json.dumps(answer)
+    events = [
+        {"type": "message_start", "message": dict(message, content=[], stop_reason=None)},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_j",
+                                                                      "name": "json_answer", "input": {}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta",
+                                                              "partial_json": arguments[:10]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta",
+                                                              "partial_json": arguments[10:]}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"output_tokens": 11}},
+        {"type": "message_stop"},
+    ]
+    up = anthropic_upstream(harness, events=events, message=message)
+    url = harness.start([ant_provider(up)], environ=ANTH_ENV)
+    ask = [{"role": "user", "content": "The capital of France?"}]
+    parsed = oa_client(url).chat.completions.parse(model="anthropic:claude-x", messages=ask, response_format=City)
+    assert parsed.choices[0].message.parsed == City(**answer)
+    assert parsed.choices[0].finish_reason == "stop" and not parsed.choices[0].message.tool_calls
+    with oa_client(url).chat.completions.stream(model="anthropic:claude-x", messages=ask,
+                                                response_format=City) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == City(**answer) and final.choices[0].finish_reason == "stop"
+    sent = up.requests[0].json()
+    (tool,) = sent["tools"]
+    assert tool["name"] == "json_answer" and tool["input_schema"]["properties"].keys() == {"name", "population"}
+    assert sent["tool_choice"] == {"type": "tool", "name": "json_answer"}
+
+
 def test_openai_tool_result_turn_reaches_anthropic_as_tool_result_blocks(harness):
     up = anthropic_upstream(harness, message=ant_message("It is noon.", tool=False))
     url = harness.start([ant_provider(up)], environ=ANTH_ENV)

@@ -522,6 +522,28 @@ def test_a_tool_call_cut_off_by_the_length_limit_is_max_tokens_not_a_call_to_run
     assert whole["stop_reason"] == "max_tokens" and whole["content"][0]["type"] == "tool_use"
 
 
+def test_json_mode_with_client_tools_offers_the_answer_tool_without_forcing_it_and_calls_stay_calls():
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    request = chat_to_anthropic_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools,
+                                         "response_format": {"type": "json_object"}})
+    assert [t["name"] for t in request["tools"]] == ["lookup", "json_answer"]
+    assert request["tools"][1]["input_schema"] == {"type": "object"} and "tool_choice" not in request
+    plain = chat_to_anthropic_request({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                       "response_format": {"type": "text"}})
+    assert "tools" not in plain and "tool_choice" not in plain
+    reply = {"id": "msg_1", "model": "m", "stop_reason": "tool_use", "usage": {}, "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"q": 1}}]}
+    choice = anthropic_to_chat_response(reply, json_answer=True)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    reply["content"] = [{"type": "text", "text": "Sure: "}, {"type": "tool_use", "id": "toolu_2", "name": "json_answer",
+                                                            "input": {"a": 1}}]
+    choice = anthropic_to_chat_response(reply, json_answer=True)["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ('{"a": 1}', "stop")
+    assert "tool_calls" not in choice["message"]
+    # without json_answer (no response_format asked) a tool of that name is an ordinary call
+    assert anthropic_to_chat_response(reply)["choices"][0]["finish_reason"] == "tool_calls"
+
+
 def test_reused_index_with_new_id_is_a_new_tool():
     chunks = [_chunk(_tool_start(0, "call_1", "A", "{}")), _chunk(_tool_start(0, "call_2", "B", "{}")),
               _chunk({}, "tool_calls")]
