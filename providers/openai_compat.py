@@ -36,7 +36,7 @@ class OpenAICompatProvider(HttpProvider):
         resp = await self.send(self.chat_path, body, ctx, stream)
         if resp.status == 400 and _large_int(body.get("max_tokens")):
             err = await upstream_error(resp, self.name)
-            if "max_tokens" not in err.message and "max_completion_tokens" not in err.message:
+            if not any(words in err.message for words in _OUTPUT_LIMIT_WORDS):
                 raise err
             # Claude Code asks for up to 128000 output tokens, more than many models allow; it
             # means "as much as the model gives", so ask once more without a limit.
@@ -59,6 +59,11 @@ class OpenAICompatProvider(HttpProvider):
 
 def _has_finish_reason(chunk: dict) -> bool:
     return any(isinstance(c, dict) and c.get("finish_reason") for c in as_list(chunk.get("choices")))
+
+
+# How upstreams word "max_tokens is more than this model can give": OpenAI and current vLLM name
+# the field; older vLLM counts it against the context ("…, 128000 in the completion)").
+_OUTPUT_LIMIT_WORDS = ("max_tokens", "max_completion_tokens", "in the completion")
 
 
 def _large_int(value: Any) -> bool:

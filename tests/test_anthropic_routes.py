@@ -532,24 +532,29 @@ def test_claude_code_shaped_request_is_accepted_on_openai_upstream(harness):
     assert "anthropic-beta" not in up.requests[0].headers and "anthropic-version" not in up.requests[0].headers
 
 
-def limited_output_upstream(harness, limit: int = 32768):
-    """An OpenAI-like mock that refuses max_tokens over `limit` with OpenAI's own wording."""
+def limited_output_upstream(harness, limit: int = 32768, wording: str = "openai"):
+    """An OpenAI-like mock that refuses max_tokens over `limit` with OpenAI's wording or older vLLM's."""
     async def handler(req):
         body = req.json()
         if body.get("max_tokens", 0) > limit:
-            return MockResponse(400, {"error": {
-                "message": f"max_tokens is too large: {body['max_tokens']}. This model supports at most {limit} "
-                           f"completion tokens, whereas you provided {body['max_tokens']}.",
-                "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}})
+            asked = body["max_tokens"]
+            message = (f"max_tokens is too large: {asked}. This model supports at most {limit} completion tokens, "
+                       f"whereas you provided {asked}." if wording == "openai" else
+                       f"This model's maximum context length is {limit} tokens. However, you requested {asked + 9} "
+                       f"tokens (9 in the messages, {asked} in the completion). Please reduce the length of the "
+                       "messages or completion.")
+            return MockResponse(400, {"error": {"message": message, "type": "invalid_request_error",
+                                                "param": "max_tokens", "code": "invalid_value"}})
         if body.get("stream"):
             return MockResponse(200, sse_body(*chat_chunks(["fine"])), content_type="text/event-stream")
         return MockResponse(200, chat_completion("fine"))
     return harness.upstream(handler)
 
 
+@pytest.mark.parametrize("wording", ["openai", "older_vllm"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_max_tokens_beyond_upstream_limit_is_retried_without_limit(harness, stream):
-    up = limited_output_upstream(harness)
+def test_max_tokens_beyond_upstream_limit_is_retried_without_limit(harness, stream, wording):
+    up = limited_output_upstream(harness, wording=wording)
     url = harness.start([oa_provider(up)])
     body = {"model": "oa:m", "max_tokens": 128000, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
     if stream:
