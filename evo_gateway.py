@@ -1056,11 +1056,12 @@ REQUIRED_FIELDS: dict[str, tuple[tuple[str, type, str], ...]] = {
 _OPENAI_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
                  "permission": "permission_error", "not_found": "not_found_error", "rate_limit": "rate_limit_error",
                  "timeout": "timeout_error", "upstream": "upstream_error", "overloaded": "overloaded_error",
-                 "unavailable": "service_unavailable", "internal": "server_error"}
+                 "unavailable": "service_unavailable", "internal": "server_error", "billing": "insufficient_quota"}
 _ANTHROPIC_TYPES = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
                     "permission": "permission_error", "not_found": "not_found_error",
                     "rate_limit": "rate_limit_error", "timeout": "timeout_error", "upstream": "api_error",
-                    "overloaded": "overloaded_error", "unavailable": "api_error", "internal": "api_error"}
+                    "overloaded": "overloaded_error", "unavailable": "api_error", "internal": "api_error",
+                    "billing": "billing_error"}
 
 
 def _openai_model(provider: str, model_id: str) -> dict:

@@ -36,7 +36,7 @@ class GatewayError(Exception):
 
     `kind` is a dialect-neutral error class (``invalid_request``, ``authentication``,
     ``permission``, ``not_found``, ``rate_limit``, ``timeout``, ``upstream``, ``overloaded``,
-    ``unavailable``, ``internal``); each dialect's renderer maps it to its own type names.
+    ``unavailable``, ``internal``, ``billing``); each dialect's renderer maps it to its own type names.
     `headers` are extra response headers (``retry-after``, ``www-authenticate``).
     """
 
@@ -52,7 +52,7 @@ class GatewayError(Exception):
 
 
 def _kind_for_status(status: int) -> str:
-    return {400: "invalid_request", 401: "authentication", 403: "permission", 404: "not_found",
+    return {400: "invalid_request", 401: "authentication", 402: "billing", 403: "permission", 404: "not_found",
             408: "timeout", 413: "invalid_request", 429: "rate_limit", 502: "upstream",
             503: "unavailable", 504: "timeout", 529: "overloaded"}.get(
                 status, "invalid_request" if status < 500 else "internal")

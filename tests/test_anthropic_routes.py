@@ -816,6 +816,13 @@ def test_translated_anthropic_upstream_error_before_stream_keeps_status_and_enve
         ant_client(url).messages.create(model="oa:m", max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert e.value.status_code == 500 and e.value.body["error"]["type"] == "api_error"
 
+    async def out_of_credit(req):  # OpenRouter's answer when the account is empty
+        return MockResponse(402, {"error": {"message": "Insufficient credits", "code": 402}})
+    up.handler = out_of_credit
+    with pytest.raises(anthropic.APIStatusError) as e:
+        ant_client(url).messages.create(model="oa:m", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 402 and e.value.body["error"]["type"] == "billing_error"  # WIRE §4.5
+
 
 # -- bad input on /v1/messages ------------------------------------------------------------------
 
