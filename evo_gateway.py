@@ -573,6 +573,13 @@ class HttpProvider(Provider):
             self.last_result = (False, e.message, None, time.time())
             raise
         latency_ms = round((time.monotonic() - t0) * 1000, 1)
+        if not (200 <= resp.status < 300 or 400 <= resp.status < 600):
+            resp.close()  # a redirect, a 304, a status past 599: nothing a client of ours could use
+            location = resp.header(b"location")
+            hint = f" (a redirect to {location}: set base_url to where it points)" if location else ""
+            self.last_result = (False, resp.status, latency_ms, time.time())
+            raise GatewayError(502, f"provider '{self.name}' at {self.target.describe()} answered HTTP "
+                                    f"{resp.status}{hint}", "upstream")
         self.keys.report(key, resp.status)
         self.last_result = (resp.status < 500, resp.status, latency_ms, time.time())
         ctx.note(upstream_status=resp.status, ttfb_ms=latency_ms)

@@ -289,9 +289,12 @@ class UpstreamConnection:
         got_bytes = False
         buffered, eof = self.h11.trailing_data
         must_read = not buffered and not eof  # next_event() could only answer NEED_DATA
+        # One deadline for the whole head: an upstream dripping it (or `102 Processing` forever)
+        # must not hold the request past first_byte_timeout_s.
+        deadline = time.monotonic() + self.target.first_byte_timeout_s
         while True:
             if must_read:
-                self.deadline = time.monotonic() + self.target.first_byte_timeout_s
+                self.deadline = deadline
                 data = await self._read()
                 if not data and not got_bytes and self.reused:
                     raise _StaleConnection()
@@ -346,8 +349,10 @@ class UpstreamConnection:
             self.writer.transport.abort()
 
     def is_reusable(self) -> bool:
-        """The one place that decides keep-or-close: both sides DONE and keep-alive agreed."""
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        """The one place that decides keep-or-close: both sides DONE, keep-alive agreed, and no
+        byte beyond the response (it would be read as the next request's answer)."""
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE \
+            and not self.h11.trailing_data[0]
 
     def close(self) -> None:
         if self.state != "CLOSED":

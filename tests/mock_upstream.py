@@ -190,3 +190,82 @@ def chat_chunks(pieces: list[str], model: str = "m", usage: bool = True) -> list
         out.append(dict(base, choices=[], usage={"prompt_tokens": 5, "completion_tokens": len(pieces),
                                                  "total_tokens": 5 + len(pieces)}))
     return out
+
+
+class RawUpstream:
+    """An upstream that answers with raw bytes, for misbehaviour h11 would not let MockUpstream write.
+
+    `script(n, head)` gets the request's number on its connection (1, 2, …) and its head, and
+    returns the bytes to send, or an iterable of (delay_s, bytes) pieces; the connection stays
+    open for the next request unless a piece is None (close). Runs in a thread of its own.
+    """
+
+    def __init__(self, script: Callable[[int, bytes], Any]) -> None:
+        import socket
+        import threading
+
+        self.script = script
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        import re
+        import time
+
+        buffered = b""
+        number = 0
+        with conn:
+            conn.settimeout(30)
+            try:
+                while not self._stop.is_set():
+                    while b"\r\n\r\n" not in buffered:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buffered += data
+                    head, buffered = buffered.split(b"\r\n\r\n", 1)
+                    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                    need = int(length.group(1)) if length else 0
+                    while len(buffered) < need:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buffered += data
+                    buffered = buffered[need:]
+                    number += 1
+                    answer = self.script(number, head)
+                    for delay, piece in ([(0, answer)] if isinstance(answer, bytes) else answer):
+                        if self._stop.is_set():
+                            return
+                        time.sleep(delay)
+                        if piece is None:
+                            return
+                        conn.sendall(piece)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+
+def raw_json_response(obj: Any, status: str = "200 OK") -> bytes:
+    body = json.dumps(obj).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            .encode() + body)

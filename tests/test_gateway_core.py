@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import provider
-from mock_upstream import DROP, MockResponse, chat_chunks, chat_completion, sse_body
+from mock_upstream import DROP, MockResponse, RawUpstream, chat_chunks, chat_completion, raw_json_response, sse_body
 
 import evo_gateway
 
@@ -367,6 +367,57 @@ def test_an_upstream_error_page_that_is_not_json_reaches_the_client_in_its_envel
         assert e.value.status_code == 502 and e.value.response.headers["retry-after"] == "5"
         assert e.value.response.headers["content-type"] == "application/json"
         assert e.value.body["message"].startswith("mock: <html>") and "502 Bad Gateway" in e.value.body["message"]
+
+
+@pytest.fixture
+def raw_upstreams():
+    started: list[RawUpstream] = []
+    yield lambda script: started.append(RawUpstream(script)) or started[-1]
+    for up in started:
+        up.close()
+
+
+def test_bytes_beyond_an_upstream_answer_never_become_the_next_requests_answer(harness, raw_upstreams):
+    """An upstream that writes more than its response (a second response, garbage, a body on a
+    304) leaves bytes on the connection: it must be closed, not pooled."""
+    answered = []
+
+    def script(n, head):
+        answered.append(n)
+        if len(answered) == 1:
+            return raw_json_response(chat_completion("first")) + raw_json_response(chat_completion("injected"))
+        return raw_json_response(chat_completion(f"fresh {n}"))
+    up = raw_upstreams(script)
+    url = harness.start([provider("raw", up.url)])
+    c = client(url)
+    answers = [c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+               .choices[0].message.content for _ in range(3)]
+    assert answers == ["first", "fresh 1", "fresh 2"]
+    assert up.connections == 2  # the dirty connection was replaced, the clean one reused
+
+
+def test_an_upstream_dripping_informational_heads_still_times_out_at_the_first_byte_limit(harness, raw_upstreams):
+    up = raw_upstreams(lambda n, head: [(0.2, b"HTTP/1.1 102 Processing\r\n\r\n")] * 100)
+    url = harness.start([provider("drip", up.url, first_byte_timeout_s=1)])
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 504 and "drip" in e.value.message
+    assert time.monotonic() - t0 < 10  # not the 20 s the drip lasts
+
+
+@pytest.mark.parametrize("status", ["304 Not Modified", "302 Found", "999 Odd"])
+def test_an_upstream_status_that_is_neither_success_nor_error_is_a_502_in_the_clients_envelope(
+        harness, raw_upstreams, status):
+    up = raw_upstreams(lambda n, head: f"HTTP/1.1 {status}\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n"
+                       .encode())
+    url = harness.start([provider("odd", up.url)])
+    for path, body in (("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+                       ("/api/chat", {"model": "m", "stream": False, "messages": [{"role": "user", "content": "x"}]})):
+        r = httpx.post(url + path, json=body, timeout=10)
+        assert r.status_code == 502, (path, r.status_code, r.text)
+        assert f"HTTP {status.split()[0]}" in r.text and "odd" in r.text
 
 
 def test_upstream_refused_is_502_naming_provider_and_host(harness):
