@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 import h11
 
 from evo_http import (
+    BAD_JSON,
     END_OF_MESSAGE,
     GatewayError,
     SSEDecoder,
@@ -315,6 +316,8 @@ def load_config(path: str, create: bool = True) -> Config:
         data = json.loads(raw)
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
     return parse_config(data, path)
 
 
@@ -491,7 +494,7 @@ async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
     code = param = None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except BAD_JSON:
         data = None
     if isinstance(data, dict):
         err = data.get("error")
@@ -657,7 +660,7 @@ class HttpProvider(Provider):
 def parse_upstream_json(raw: bytes, provider: str) -> dict:
     try:
         data = json.loads(raw)
-    except ValueError:
+    except BAD_JSON:
         data = None
     if not isinstance(data, dict):
         raise GatewayError(502, f"provider '{provider}' answered with something that is not a JSON object: "
@@ -682,7 +685,7 @@ async def sse_json_events(resp: UpstreamResponse, provider: str,
                     return
                 try:
                     obj = json.loads(data)
-                except ValueError:
+                except BAD_JSON:
                     raise GatewayError(502, f"provider '{provider}' sent a stream event that is not JSON: "
                                             f"{data[:200]!r}", "upstream") from None
                 if isinstance(obj, dict):
@@ -1194,7 +1197,7 @@ class ResponsesRelay:
         for _, text in self._decoder.feed(data):
             try:
                 event = json.loads(text)
-            except ValueError:
+            except BAD_JSON:
                 continue
             if not isinstance(event, dict):
                 continue
@@ -1537,7 +1540,7 @@ class Gateway:
                 if kind == "ollama_embeddings":
                     return json_reply(tr.embeddings_to_ollama_legacy_response(result))
                 return json_reply(tr.embeddings_to_ollama_embed_response(result, client_model))
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, ArithmeticError, RecursionError) as e:
                 raise GatewayError(502, f"provider '{provider.name}' sent an embeddings answer the gateway "
                                         f"cannot read ({e})", "upstream") from None
         try:
@@ -1573,7 +1576,7 @@ class Gateway:
                 if kind == "ollama_chat":
                     return json_reply(tr.chat_to_ollama_chat_response(result, client_model, started_ns))
                 return json_reply(tr.chat_to_ollama_generate_response(result, client_model, started_ns))
-            except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+            except (TypeError, AttributeError, KeyError, IndexError, ValueError, ArithmeticError, RecursionError) as e:
                 # The translators read upstream answers leniently; one they still cannot read is
                 # the upstream's fault as far as the client can tell (logged in full for us).
                 log.exception("translating %s's answer failed", provider.name)
@@ -2019,7 +2022,7 @@ def note_stream_usage(ctx: RequestContext, chunk: bytes) -> None:
 def _object_at(data: bytes, start: int) -> dict | None:
     try:
         obj, _ = _RAW_JSON(data[start:].decode("utf-8", "replace"))
-    except ValueError:
+    except BAD_JSON:
         return None
     return obj if isinstance(obj, dict) else None
 

@@ -140,6 +140,11 @@ _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).enco
 _COMPACT_ASCII_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
+# What parsing JSON from outside can raise: ValueError, and RecursionError for `[[[[…` nested
+# deeper than the parser's stack (legal JSON, tens of bytes per level).
+BAD_JSON = (ValueError, RecursionError)
+
+
 def json_bytes(obj: Any) -> bytes:
     """Compact UTF-8 JSON. A lone surrogate (a legal JSON escape, not encodable as UTF-8) stays
     an escape instead of failing the request: the object is then written ASCII-escaped."""

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from evo_gateway import GatewayError, Provider, RequestContext
+from evo_gateway import BAD_JSON, GatewayError, Provider, RequestContext
 from providers.translate import as_dict
 
 log = logging.getLogger("evo_gateway")
@@ -603,7 +603,7 @@ class _Run:
                 continue
             try:
                 event = json.loads(text)
-            except ValueError:
+            except BAD_JSON:
                 log.debug("%s: skipped a non-JSON line: %.200s", self.provider.tool, text)
                 continue
             if isinstance(event, dict):

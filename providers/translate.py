@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from evo_http import json_bytes
+from evo_http import BAD_JSON, json_bytes
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
@@ -187,7 +187,7 @@ def _ant_parse_arguments(arguments: Any) -> dict:
         return {}
     try:
         parsed = json.loads(arguments)
-    except ValueError:
+    except BAD_JSON:
         return {"_raw": arguments}
     return parsed if isinstance(parsed, dict) else {"_raw": arguments}
 
@@ -1281,7 +1281,7 @@ def _ollama_arguments_to_object(arguments: Any) -> dict:
         return {}
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except BAD_JSON:
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -1456,7 +1456,7 @@ def _ollama_done_reason(finish_reason: Any) -> str:
 
 def _ollama_count(value: Any) -> int:
     """A token count from upstream usage; anything but a non-negative number reads 0."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf:
         return int(value)
     return 0
 
@@ -2315,7 +2315,7 @@ def _custom_input(arguments: str) -> str:
     """The raw text of a custom tool call from the {"input": ...} JSON the chat model produced."""
     try:
         parsed = json.loads(arguments)
-    except (TypeError, ValueError):
+    except (TypeError, *BAD_JSON):
         return arguments or ""  # the model skipped the JSON wrapper; the raw text is the input
     if isinstance(parsed, dict):
         if isinstance(parsed.get("input"), str):

@@ -420,6 +420,33 @@ def test_an_upstream_status_that_is_neither_success_nor_error_is_a_502_in_the_cl
         assert f"HTTP {status.split()[0]}" in r.text and "odd" in r.text
 
 
+def test_upstream_json_nested_past_the_parsers_depth_or_infinite_counts_is_never_a_500(harness):
+    deep = b"[" * 100000 + b"]" * 100000
+
+    async def handler(req):
+        model = req.json()["model"]
+        if model == "deep":
+            return MockResponse(200, deep, content_type="application/json")
+        if model == "deep-error":
+            return MockResponse(400, b'{"error": ' + deep + b"}", content_type="application/json")
+        if model == "deep-stream":
+            return MockResponse(200, b"data: " + deep + b"\n\n", content_type="text/event-stream")
+        return MockResponse(200, b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, '
+                                 b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 1e999, "completion_tokens": 2}}',
+                            content_type="application/json")
+    up = harness.upstream(handler)
+    url = harness.start([provider("up", up.url)])
+    ask = [{"role": "user", "content": "x"}]
+    r = httpx.post(url + "/api/chat", json={"model": "deep", "stream": False, "messages": ask}, timeout=20)
+    assert r.status_code == 502 and "not a JSON object" in r.json()["error"]
+    r = httpx.post(url + "/v1/messages", json={"model": "deep-error", "max_tokens": 5, "messages": ask}, timeout=20)
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    r = httpx.post(url + "/api/chat", json={"model": "deep-stream", "messages": ask}, timeout=20)
+    assert r.status_code == 200 and "not JSON" in r.text.splitlines()[-1]  # the stream's in-band error line
+    r = httpx.post(url + "/api/chat", json={"model": "inf", "stream": False, "messages": ask}, timeout=20)
+    assert r.status_code == 200 and r.json()["message"]["content"] == "hi" and r.json()["prompt_eval_count"] == 0
+
+
 def test_upstream_refused_is_502_naming_provider_and_host(harness):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

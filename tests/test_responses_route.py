@@ -578,6 +578,13 @@ def test_responses_relay_at_every_split_point_relays_whole_events_unchanged():
     assert b"".join(byte_by_byte.feed(stream[i:i + 1]) for i in range(len(stream))) == stream
 
 
+def test_responses_relay_passes_an_event_nested_past_the_parsers_depth_without_failing():
+    import evo_gateway
+    relay = evo_gateway.ResponsesRelay("m")
+    deep = b"data: " + b"[" * 100000 + b"]" * 100000 + b"\n\n"
+    assert relay.feed(deep) == deep and not relay.is_finished  # relayed as it is; the end is still owed
+
+
 def test_responses_relay_failed_frames_continue_the_relayed_response():
     import evo_gateway
     frames = responses_sse(responses_events())
