@@ -71,27 +71,31 @@ class LineSplitter:
     __slots__ = ("_buf", "_skip_lf")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf: list[bytes] = []  # the line still open, in the pieces it came in
         self._skip_lf = False
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._skip_lf and data[:1] == b"\n":
             data = data[1:]
         self._skip_lf = False
-        buf = self._buf + data if self._buf else data
         lines = []
         start = 0
-        for m in _LINE_END.finditer(buf):
-            lines.append(buf[start:m.start()])
+        # Only the new bytes are searched: a line arriving in many reads costs one pass, not one per read.
+        for m in _LINE_END.finditer(data):
+            line = data[start:m.start()]
+            if self._buf:
+                line, self._buf = b"".join(self._buf) + line, []
+            lines.append(line)
             start = m.end()
-        if start and buf[start - 1:start] == b"\r":
-            self._skip_lf = True
-        self._buf = buf[start:]
+        if start == len(data) and data[-1:] == b"\r":
+            self._skip_lf = True  # a CR ending this piece may be the first half of a CRLF
+        if start < len(data):
+            self._buf.append(data[start:])
         return lines
 
     def flush(self) -> list[bytes]:
         """The unterminated last line, if any (NDJSON streams may omit the final newline)."""
-        rest, self._buf = self._buf, b""
+        rest, self._buf = b"".join(self._buf), []
         return [rest] if rest else []
 
 
@@ -393,22 +397,42 @@ class UpstreamResponse:
         A partial frame is of no use to a client and is held until it completes, so when the
         upstream fails mid-frame the error event that follows starts on a boundary.
         """
-        held = b""
+        held: list[bytes] = []  # a frame still incomplete, in the pieces it came in
         try:
             while True:
                 chunk, ended = await self._next_piece()
                 if frame_end is not None and chunk:
-                    data = held + chunk if held else chunk
-                    end = frame_end(data)
-                    held, chunk = data[end:], data[:end]
+                    chunk = self._whole_frames(chunk, held, frame_end)
                 if chunk:
                     yield chunk
                 if ended:
                     break
             if held:
-                yield held
+                yield b"".join(held)
         finally:
             self._release()
+
+    @staticmethod
+    def _whole_frames(chunk: bytes, held: list[bytes], frame_end: Callable[[bytes], int]) -> bytes:
+        """The whole frames that `chunk` completes (with what `held` had); the rest stays in `held`.
+
+        Only the new piece is searched for a boundary (with the held tail a blank line may start
+        in), so an event arriving in many reads costs one pass, not one per read.
+        """
+        if not held:
+            end = frame_end(chunk)
+            if end < len(chunk):
+                held.append(chunk[end:])
+            return chunk[:end]
+        overlap = b"".join(held[-3:])[-3:]  # the last pieces may be shorter than a blank line
+        end = frame_end(overlap + chunk)
+        if not end:
+            held.append(chunk)
+            return b""
+        end -= len(overlap)  # a boundary wholly inside the held tail would have been cut before
+        whole = b"".join(held) + chunk[:end]
+        held[:] = [chunk[end:]] if end < len(chunk) else []
+        return whole
 
     async def read(self) -> bytes:
         """The whole body (a plain loop: no async generator for the common non-stream case)."""
