@@ -2330,6 +2330,8 @@ class HttpConnection(asyncio.Protocol):
         gateway = self.gateway
         request_id = next_request_id()
         target = request.target.decode("latin-1")
+        if target[:1] != "/" and "://" in target:  # absolute form (RFC 9112 §3.2.2): its path is what routes
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
         path = target.split("?", 1)[0]
         method = request.method.decode("latin-1")
         headers = request_headers(request.headers.raw_items())  # a plain list: iterating Headers is slow
@@ -2358,12 +2360,7 @@ class HttpConnection(asyncio.Protocol):
                     raise GatewayError(405, f"{path} accepts {route[0]} only", "invalid_request",
                                        headers=[("allow", allow)])
             if gateway.auth is not None and kind not in OPEN_KINDS:
-                try:
-                    key_name = gateway.authenticate(headers)
-                except GatewayError as e:
-                    if not await self._discard_body(headers):
-                        raise _CloseAfter(e) from None  # body left unread: say the connection closes
-                    raise
+                key_name = gateway.authenticate(headers)
             if route[0] == "POST":
                 raw = await self._read_body(headers, expect_json=True)
                 reply = await gateway.handle_post(kind, dialect, raw, ctx)
@@ -2375,6 +2372,10 @@ class HttpConnection(asyncio.Protocol):
             reply.headers.append((b"connection", b"close"))
         except GatewayError as e:
             reply = error_reply(dialect, e)
+            # Refused from its head (404, 405, 401): the body is still on the wire. Read past it
+            # to keep the connection; if it cannot be (too big, 100-continue), say it closes.
+            if self.conn.their_state is h11.SEND_BODY and not await self._discard_body(headers):
+                reply.headers.append((b"connection", b"close"))
         except asyncio.CancelledError:
             if not self.server.stopping or self.closed:
                 raise
@@ -2387,9 +2388,7 @@ class HttpConnection(asyncio.Protocol):
                                                       "internal"))
         status = reply.status
         try:
-            if method == "HEAD":
-                reply.body = b""
-            await self._send_reply(reply, request_id, ctx)
+            await self._send_reply(reply, request_id, ctx, head_only=method == "HEAD")
         finally:
             self._log_request(ctx, method, path, status, key_name)
 
@@ -2463,7 +2462,8 @@ class HttpConnection(asyncio.Protocol):
         except h11.RemoteProtocolError as e:  # a chunk size that is not hex, a chunk longer than it said…
             raise _CloseAfter(GatewayError(400, f"the request body's HTTP framing is invalid ({e})")) from None
 
-    async def _send_reply(self, reply: Reply, request_id: str, ctx: RequestContext | None) -> None:
+    async def _send_reply(self, reply: Reply, request_id: str, ctx: RequestContext | None,
+                          head_only: bool = False) -> None:
         # No Server header: optional (RFC 9110), and h11 spends ~1% of a proxied request per header.
         headers = [(b"date", self.server.date_header), (b"x-request-id", request_id.encode())]
         if self.gateway.worker_id:
@@ -2472,12 +2472,15 @@ class HttpConnection(asyncio.Protocol):
         reason = _STATUS_PHRASES.get(reply.status, b"")
         body = reply.body
         if isinstance(body, (bytes, bytearray)):
+            # A HEAD answer says the length a GET would get (RFC 9110 §8.6) and sends no body.
             headers.append((b"content-length", str(len(body)).encode()))
             data = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
-            if body:
+            if body and not head_only:
                 data += self.conn.send(h11.Data(data=body))
             data += self.conn.send(END_OF_MESSAGE)
             self._write(data)
+            if self._write_paused:  # a client not reading its answers must not have us read (and buffer) more
+                await self._drain()
             return
         metrics = self.gateway.metrics
         metrics.open_streams += 1

@@ -644,6 +644,46 @@ def test_a_body_that_stops_arriving_gets_408_in_the_routes_dialect_and_never_rea
     assert [r.method for r in up.requests].count("POST") == 0
 
 
+def test_a_refused_request_keeps_its_connection_when_its_body_can_be_read_past(harness):
+    harness.start([])
+    body = b'{"model": "m"}'
+    post = (b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wrong_method = b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    raw = raw_request(harness.port, post + wrong_method + last, until_close=True)
+    assert [int(m) for m in re.findall(rb"HTTP/1.1 (\d{3})", raw)] == [404, 405, 200]  # all three answered
+    absolute = raw_request(harness.port, b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert absolute.startswith(b"HTTP/1.1 200")  # RFC 9112 §3.2.2: the absolute form is accepted
+    get = httpx.get(harness.url + "/health")
+    head = httpx.head(harness.url + "/health")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"] != "0"  # RFC 9110 §8.6
+
+
+def test_a_client_that_pipelines_without_reading_is_not_answered_faster_than_it_reads(harness):
+    """Answers wait for the client to read them: reading and answering more would buffer without end."""
+    models = [f"model-with-a-long-name-{i:04d}" for i in range(400)]
+    harness.start([provider("many", "http://127.0.0.1:9/v1", models=models)])
+    count = 400  # 400 model lists of ~30 KiB: far more than the sockets' buffers hold
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(("127.0.0.1", harness.port))
+    try:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" * (count - 1)
+                     + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(1.0)
+        answered = harness.gateway.metrics.requests.get(("/v1/models", "-", 200), 0)
+        assert answered < count / 2, f"{answered} answers written for a client that read none"
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    finally:
+        sock.close()
+    assert received.count(b"HTTP/1.1 200 OK") == count  # nothing lost once the client reads
+
+
 def test_pipelined_requests_answered_in_order_and_http10(harness):
     up = harness.upstream(chat_handler())
     harness.start([provider("mock", up.url)])
