@@ -412,7 +412,7 @@ class Reply:
     `sse` marks an event stream, which may receive keep-alive comments while it is quiet.
     """
 
-    __slots__ = ("body", "error_frame", "headers", "relayed", "sse", "status")
+    __slots__ = ("body", "end_mark", "error_frame", "headers", "relayed", "sse", "status")
 
     def __init__(self, status: int, headers: list, body: bytes | AsyncIterator[bytes], sse: bool = False) -> None:
         self.status = status
@@ -423,6 +423,9 @@ class Reply:
         self.error_frame: Callable[[GatewayError], bytes] | None = None
         # Upstream bytes relayed as they are: their token usage is read on the way for the log.
         self.relayed = False
+        # For a relayed stream: what its last piece holds when the upstream finished it; a stream
+        # ending without it was cut, and gets `error_frame` rather than passing for a whole answer.
+        self.end_mark: re.Pattern | None = None
 
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -1126,6 +1129,17 @@ def stream_error_frame(kind: str, err: GatewayError, relay: ResponsesRelay | Non
 
 _OPENAI_DONE = b"data: [DONE]\n\n"
 
+# The last event of a finished relayed stream, per route: OpenAI's [DONE] (or, from a server
+# that leaves it out, the finish or usage chunk), Anthropic's message_stop, Ollama's done line;
+# an in-band error is an end too.
+_OLLAMA_STREAM_END = re.compile(rb'"done"\s*:\s*true|"error"')
+RELAYED_STREAM_END = {
+    "chat": re.compile(rb'\[DONE\]|"finish_reason"\s*:\s*"|"usage"\s*:\s*\{|"error"'),
+    "messages": re.compile(rb"message_stop|event: *error"),
+    "ollama_chat": _OLLAMA_STREAM_END,
+    "ollama_generate": _OLLAMA_STREAM_END,
+}
+
 
 def _openai_error_event(err: GatewayError) -> bytes:
     """An OpenAI stream's in-band error (the SDK raises on a truthy top-level "error")."""
@@ -1494,6 +1508,7 @@ class Gateway:
                 reply.error_frame = functools.partial(stream_error_frame, kind, relay=relay)
             else:
                 reply.error_frame = functools.partial(stream_error_frame, kind)
+                reply.end_mark = RELAYED_STREAM_END.get(kind)
             return reply
         return await self._bridge(kind, provider, body, model, stream, ctx)
 
@@ -2492,12 +2507,17 @@ class HttpConnection(asyncio.Protocol):
             self.pending_head = self.conn.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
             self.stream_last_write = time.monotonic()
             read_usage = reply.relayed and ctx is not None and log.isEnabledFor(logging.INFO)
+            last = b""
             try:
                 async for chunk in body:
                     if chunk:
                         if read_usage and _USAGE_KEY in chunk:
                             note_stream_usage(ctx, chunk)
                         await self._write_chunk(chunk)
+                        last = chunk
+                if reply.end_mark is not None and not reply.end_mark.search(last, max(len(last) - 4096, 0)):
+                    raise GatewayError(502, f"provider '{ctx.provider if ctx else '?'}' ended its stream before "
+                                            "the answer was complete (no final event)", "upstream")
             except GatewayError as e:
                 if reply.error_frame is None:
                     raise

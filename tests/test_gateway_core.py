@@ -447,6 +447,35 @@ def test_upstream_json_nested_past_the_parsers_depth_or_infinite_counts_is_never
     assert r.status_code == 200 and r.json()["message"]["content"] == "hi" and r.json()["prompt_eval_count"] == 0
 
 
+def test_relayed_streams_cut_before_their_last_event_end_with_an_error_in_their_dialect(harness):
+    chat_cut = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chat_chunks(["Hel", "lo"])[:3])
+    ant_cut = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","type":"message",'
+               b'"role":"assistant","content":[],"model":"c","usage":{"input_tokens":1,"output_tokens":1}}}\n\n')
+    ollama_cut = b'{"model":"m","message":{"role":"assistant","content":"Hel"},"done":false}\n'
+
+    async def handler(req):
+        if req.path.endswith("/messages"):
+            return MockResponse(200, sse_stream(ant_cut), content_type="text/event-stream")
+        if req.path == "/api/chat":
+            return MockResponse(200, sse_stream(ollama_cut), content_type="application/x-ndjson")
+        return MockResponse(200, sse_stream(chat_cut), content_type="text/event-stream")
+
+    async def sse_stream(data):
+        yield data  # then the body ends cleanly: a cut only the missing last event shows
+    up = harness.upstream(handler)
+    url = harness.start([provider("oa", up.url + "/v1"), provider("an", up.url + "/v1", provider_type="anthropic"),
+                         provider("ol", up.url, provider_type="ollama")])
+    ask = [{"role": "user", "content": "x"}]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "oa:m", "stream": True, "messages": ask}, timeout=10)
+    assert r.text.startswith(chat_cut.decode()) and "before the answer was complete" in r.text
+    assert r.text.endswith("data: [DONE]\n\n")
+    r = httpx.post(url + "/v1/messages", json={"model": "an:c", "stream": True, "max_tokens": 5, "messages": ask},
+                   timeout=10)
+    assert r.text.startswith(ant_cut.decode()) and r.text.split("\n\n")[-2].startswith("event: error")
+    r = httpx.post(url + "/api/chat", json={"model": "ol:m", "messages": ask}, timeout=10)
+    assert r.text.startswith(ollama_cut.decode()) and "before the answer was complete" in r.text.splitlines()[-1]
+
+
 def test_upstream_refused_is_502_naming_provider_and_host(harness):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
