@@ -482,16 +482,22 @@ class Provider:
         """Release what the provider holds (pooled connections, child processes)."""
 
 
-async def upstream_error(resp: UpstreamResponse, provider: str) -> GatewayError:
-    """Read an upstream error answer and turn it into a GatewayError with the same status.
+# An error answer is read this far at most: its message is what matters, and a misbehaving
+# upstream must not make the gateway hold megabytes per request.
+ERROR_BODY_LIMIT = 1024 * 1024
+
+
+async def upstream_error(resp: UpstreamResponse, provider: str, raw: bytes | None = None) -> GatewayError:
+    """Read an upstream error answer (unless `raw` has it) and turn it into a GatewayError with the same status.
 
     The message is taken from whichever dialect's envelope the body is in (OpenAI, Anthropic,
     Ollama), else a short prefix of the text; `retry-after` is kept.
     """
-    try:
-        raw = await resp.read()
-    except GatewayError:
-        raw = b""
+    if raw is None:
+        try:
+            raw = await resp.read(ERROR_BODY_LIMIT)
+        except GatewayError:
+            raw = b""
     message = ""
     kind = ""
     code = param = None
@@ -594,12 +600,17 @@ class HttpProvider(Provider):
     async def forward(self, kind: str, body: dict[str, Any], ctx: RequestContext) -> Reply:
         stream = ctx.stream
         resp = await self.send(self.native_paths[kind], body, ctx, stream)
-        if resp.status >= 400 and "json" not in (resp.header(b"content-type") or ""):
-            # A proxy's HTML page, a plain-text 502: the client's SDK can only read its own envelope.
-            raise await upstream_error(resp, self.name)
         headers = [(k, v) for k, v in resp.headers
                    if k in _RELAYED_NAMES or k.startswith(_RELAYED_PREFIXES)]
-        if stream and 200 <= resp.status < 300:
+        if resp.status >= 400:
+            raw = await resp.read(ERROR_BODY_LIMIT)
+            if len(raw) < ERROR_BODY_LIMIT and "json" in (resp.header(b"content-type") or "") \
+                    and _is_json_object(raw):
+                return Reply(resp.status, headers, raw)  # the upstream's own envelope, as it came
+            # A proxy's HTML page, a plain-text 502, "oops" labelled JSON: the client's SDK can
+            # only read its own envelope.
+            raise await upstream_error(resp, self.name, raw)
+        if stream:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
             is_sse = (resp.header(b"content-type") or "").startswith("text/event-stream")
             # Relayed in whole frames; a Responses stream is framed by its relay in the gateway.
@@ -658,6 +669,13 @@ class HttpProvider(Provider):
             return resp.status, await resp.read()
         finally:
             resp.close()
+
+
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except BAD_JSON:
+        return False
 
 
 def parse_upstream_json(raw: bytes, provider: str) -> dict:

@@ -434,14 +434,20 @@ class UpstreamResponse:
         held[:] = [chunk[end:]] if end < len(chunk) else []
         return whole
 
-    async def read(self) -> bytes:
-        """The whole body (a plain loop: no async generator for the common non-stream case)."""
+    async def read(self, limit: int = 0) -> bytes:
+        """The whole body (a plain loop: no async generator for the common non-stream case).
+
+        With `limit`, at most about that many bytes: reading stops there and the connection,
+        its body unfinished, is closed instead of pooled.
+        """
         parts = []
+        size = 0
         try:
             while True:
                 chunk, ended = await self._next_piece()
                 parts.append(chunk)
-                if ended:
+                size += len(chunk)
+                if ended or (limit and size >= limit):
                     return b"".join(parts)
         finally:
             self._release()

@@ -356,6 +356,10 @@ def test_upstream_429_and_400_pass_through_with_body_and_retry_after(harness):
 
 def test_an_upstream_error_page_that_is_not_json_reaches_the_client_in_its_envelope(harness):
     async def handler(req):
+        if req.json()["model"] == "labelled":
+            return MockResponse(500, b"oops", content_type="application/json")
+        if req.json()["model"] == "huge":
+            return MockResponse(500, b"x" * (3 * 1024 * 1024), content_type="text/plain")
         return MockResponse(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html",
                             headers=[("retry-after", "5")])
     up = harness.upstream(handler)
@@ -367,6 +371,14 @@ def test_an_upstream_error_page_that_is_not_json_reaches_the_client_in_its_envel
         assert e.value.status_code == 502 and e.value.response.headers["retry-after"] == "5"
         assert e.value.response.headers["content-type"] == "application/json"
         assert e.value.body["message"].startswith("mock: <html>") and "502 Bad Gateway" in e.value.body["message"]
+    for model, start in (("labelled", "mock: oops"), ("huge", "mock: xxx")):
+        with pytest.raises(openai.InternalServerError) as e:
+            client(url).chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        assert e.value.body["message"].startswith(start) and len(e.value.body["message"]) < 1000
+    deadline = time.monotonic() + 5
+    while up.connections_closed < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert up.connections_closed >= 1  # the huge body was not read to its end: its connection was closed
 
 
 @pytest.fixture
