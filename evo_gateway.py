@@ -1147,16 +1147,24 @@ def stream_error_frame(kind: str, err: GatewayError, relay: ResponsesRelay | Non
 
 _OPENAI_DONE = b"data: [DONE]\n\n"
 
-# The last event of a finished relayed stream, per route: OpenAI's [DONE] (or, from a server
+# The last line of a finished relayed stream, per route: OpenAI's [DONE] (or, from a server
 # that leaves it out, the finish or usage chunk), Anthropic's message_stop, Ollama's done line;
 # an in-band error is an end too.
 _OLLAMA_STREAM_END = re.compile(rb'"done"\s*:\s*true|"error"')
 RELAYED_STREAM_END = {
     "chat": re.compile(rb'\[DONE\]|"finish_reason"\s*:\s*"|"usage"\s*:\s*\{|"error"'),
-    "messages": re.compile(rb"message_stop|event: *error"),
+    "messages": re.compile(rb'message_stop|"error"'),
     "ollama_chat": _OLLAMA_STREAM_END,
     "ollama_generate": _OLLAMA_STREAM_END,
 }
+
+
+def last_line(data: bytes) -> bytes:
+    """The last non-empty line of a relayed chunk (where a stream's final event says it is one)."""
+    end = len(data)
+    while end and data[end - 1] in b"\r\n":
+        end -= 1
+    return data[max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1:end]
 
 
 def _openai_error_event(err: GatewayError) -> bytes:
@@ -2533,7 +2541,8 @@ class HttpConnection(asyncio.Protocol):
                             note_stream_usage(ctx, chunk)
                         await self._write_chunk(chunk)
                         last = chunk
-                if reply.end_mark is not None and not reply.end_mark.search(last, max(len(last) - 4096, 0)):
+                if reply.end_mark is not None and not last.endswith(_OPENAI_DONE) \
+                        and not reply.end_mark.search(last_line(last)):
                     raise GatewayError(502, f"provider '{ctx.provider if ctx else '?'}' ended its stream before "
                                             "the answer was complete (no final event)", "upstream")
             except GatewayError as e:
