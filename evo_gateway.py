@@ -585,8 +585,8 @@ class HttpProvider(Provider):
             self.last_result = (False, e.message, None, time.time())
             raise
         latency_ms = round((time.monotonic() - t0) * 1000, 1)
-        if not (200 <= resp.status < 300 or 400 <= resp.status < 600):
-            resp.close()  # a redirect, a 304, a status past 599: nothing a client of ours could use
+        if not (200 <= resp.status < 300 or 400 <= resp.status < 600) or resp.status in (204, 205):
+            resp.close()  # a redirect, a 304, a 204, a status past 599: nothing a client of ours could use
             location = resp.header(b"location")
             hint = f" (a redirect to {location}: set base_url to where it points)" if location else ""
             self.last_result = (False, resp.status, latency_ms, time.time())
@@ -1534,7 +1534,8 @@ class Gateway:
                 reply.error_frame = functools.partial(stream_error_frame, kind, relay=relay)
             else:
                 reply.error_frame = functools.partial(stream_error_frame, kind)
-                reply.end_mark = RELAYED_STREAM_END.get(kind)
+                if reply.sse or kind in OLLAMA_KINDS:  # not an upstream answering a stream request with JSON
+                    reply.end_mark = RELAYED_STREAM_END.get(kind)
             return reply
         return await self._bridge(kind, provider, body, model, stream, ctx)
 

@@ -407,8 +407,8 @@ class UpstreamResponse:
                     yield chunk
                 if ended:
                     break
-            if held:
-                yield b"".join(held)
+            if held:  # the body ended inside a frame: end the frame, so nothing sent after it merges in
+                yield b"".join(held) + (b"\n\n" if frame_end is sse_frame_end else b"\n")
         finally:
             self._release()
 

@@ -418,7 +418,7 @@ def test_an_upstream_dripping_informational_heads_still_times_out_at_the_first_b
     assert time.monotonic() - t0 < 10  # not the 20 s the drip lasts
 
 
-@pytest.mark.parametrize("status", ["304 Not Modified", "302 Found", "999 Odd"])
+@pytest.mark.parametrize("status", ["304 Not Modified", "302 Found", "204 No Content", "999 Odd"])
 def test_an_upstream_status_that_is_neither_success_nor_error_is_a_502_in_the_clients_envelope(
         harness, raw_upstreams, status):
     up = raw_upstreams(lambda n, head: f"HTTP/1.1 {status}\r\nlocation: /elsewhere\r\ncontent-length: 0\r\n\r\n"
@@ -470,6 +470,8 @@ def test_relayed_streams_cut_before_their_last_event_end_with_an_error_in_their_
             return MockResponse(200, sse_stream(ant_cut), content_type="text/event-stream")
         if req.path == "/api/chat":
             return MockResponse(200, sse_stream(ollama_cut), content_type="application/x-ndjson")
+        if req.json()["model"] == "mid-event":
+            return MockResponse(200, sse_stream(chat_cut + b'data: {"id":"x","cho'), content_type="text/event-stream")
         return MockResponse(200, sse_stream(chat_cut), content_type="text/event-stream")
 
     async def sse_stream(data):
@@ -481,6 +483,10 @@ def test_relayed_streams_cut_before_their_last_event_end_with_an_error_in_their_
     r = httpx.post(url + "/v1/chat/completions", json={"model": "oa:m", "stream": True, "messages": ask}, timeout=10)
     assert r.text.startswith(chat_cut.decode()) and "before the answer was complete" in r.text
     assert r.text.endswith("data: [DONE]\n\n")
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "oa:mid-event", "stream": True, "messages": ask},
+                   timeout=10)
+    # the partial event is ended before the error event, which must not merge into it
+    assert '"cho\n\ndata: {"error"' in r.text and r.text.endswith("data: [DONE]\n\n")
     r = httpx.post(url + "/v1/messages", json={"model": "an:c", "stream": True, "max_tokens": 5, "messages": ask},
                    timeout=10)
     assert r.text.startswith(ant_cut.decode()) and r.text.split("\n\n")[-2].startswith("event: error")
