@@ -1176,7 +1176,7 @@ class ChatStream:
     """Chat chunks → OpenAI SSE frames, for OpenAI clients of providers that do not speak OpenAI.
 
     The gateway always asks the provider for usage (for its log); a client that did not ask
-    (`stream_options.include_usage`) does not get the extra usage chunk (WIRE §1.2).
+    (`stream_options.include_usage`) does not get the extra usage chunk (WIRE §1.3).
     """
 
     def __init__(self, include_usage: bool) -> None:
